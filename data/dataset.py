@@ -1,0 +1,239 @@
+"""Images as the network sees them: resize, normalisation, training flips, and the two datasets.
+
+Shapes: ``(C, H, W)`` images with ``C = 3``; ``(H, W)`` is the original size, ``(H', W')`` the size after
+:func:`preprocess`. Boxes are ``(R, 4)`` float32 ``(y_min, x_min, y_max, x_max)``.
+
+Two normalisations, chosen by the pretrained weights the backbone starts from:
+
+* ``'torchvision'``: RGB in ``[0, 1]``, minus the ImageNet mean ``(0.485, 0.456, 0.406)``, divided by
+  its std ``(0.229, 0.224, 0.225)``.
+* ``'caffe'``: BGR in ``[0, 255]`` minus py-faster-rcnn's pixel means, B 102.9801, G 115.9465, R 122.7717.
+  The original subtracted ``[122.7717, 115.9465, 102.9801]`` from the channels *after* reordering them to
+  BGR, so the B channel got the R mean and the R channel the B mean (about 20 levels off); this one
+  subtracts each mean from its own channel.
+"""
+
+import os
+
+import numpy as np
+import torch.utils.data
+from skimage.transform import resize
+
+from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc
+from data.util import flip_bbox, random_flip, resize_bbox
+from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
+
+__all__ = ["preprocess", "inverse_normalize", "Transform", "Dataset", "TestDataset"]
+
+_TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)  # RGB
+_TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)  # RGB
+_CAFFE_MEAN_BGR = np.array([102.9801, 115.9465, 122.7717], dtype=np.float32).reshape(3, 1, 1)  # B, G, R
+_NORMALIZE_MODES = ("torchvision", "caffe")
+
+
+def _check_normalize(normalize: str) -> None:
+    if normalize not in _NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
+
+
+def _resized_size(size: tuple[int, int], min_size: int, max_size: int) -> tuple[int, int]:
+    """``(H, W)`` -> ``(H', W')``: shorter side to ``min_size`` unless the longer would pass ``max_size``.
+
+    ``scale = min(min_size / min(H, W), max_size / max(H, W))`` and each side is ``H * scale`` rounded to
+    the nearest integer (what current scikit-image does with a fractional target shape; skimage 0.14,
+    which the original ran, took the ceiling): 375x500 -> 600x800, 333x500 -> 600x901, 281x500 -> 562x1000.
+    """
+    height, width = size
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def preprocess(
+    img: np.ndarray, min_size: int = 600, max_size: int = 1000, normalize: str = "torchvision"
+) -> np.ndarray:
+    """Resize an image for the network and normalise it.
+
+    The resize is bilinear without anti-aliasing and with reflected borders
+    (``skimage.transform.resize(..., mode='reflect', anti_aliasing=False)``), as the original; see
+    :func:`_resized_size` for the output size.
+
+    Args:
+        img: ``(3, H, W)`` RGB in ``[0, 255]`` (any float or integer dtype).
+        min_size: target of the shorter side.
+        max_size: cap on the longer side.
+        normalize: ``'torchvision'`` or ``'caffe'`` (see the module docstring).
+
+    Returns:
+        ``(3, H', W')`` float32: normalised RGB (``'torchvision'``) or mean-subtracted BGR (``'caffe'``).
+    """
+    _check_normalize(normalize)
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise ValueError(f"preprocess wants a (3, H, W) RGB image, got shape {img.shape}")
+    out_h, out_w = _resized_size(img.shape[1:], min_size, max_size)
+    img = np.asarray(img, dtype=np.float32) / 255.0
+    img = resize(img, (3, out_h, out_w), order=1, mode="reflect", anti_aliasing=False).astype(np.float32)
+    if normalize == "caffe":
+        # (3, H', W') RGB 0-1 -> BGR 0-255, each channel minus its own mean.
+        return img[::-1] * 255.0 - _CAFFE_MEAN_BGR
+    return (img - _TORCHVISION_MEAN) / _TORCHVISION_STD
+
+
+def inverse_normalize(img: np.ndarray, normalize: str = "torchvision") -> np.ndarray:
+    """Undo the normalisation of :func:`preprocess` (not its resize), e.g. to display a network input.
+
+    The exact inverse, without clipping: a preprocessed image comes back in ``[0, 255]`` up to rounding.
+    (The original's torchvision branch used an approximate mean 0.45 and std 0.225 and clipped.)
+
+    Args:
+        img: ``(3, H', W')`` float array as returned by :func:`preprocess` with the same ``normalize``.
+        normalize: ``'torchvision'`` or ``'caffe'``.
+
+    Returns:
+        ``(3, H', W')`` float32 RGB, 0-255 scale.
+    """
+    _check_normalize(normalize)
+    img = np.asarray(img, dtype=np.float32)
+    if normalize == "caffe":
+        return (img + _CAFFE_MEAN_BGR)[::-1].copy()  # BGR -> RGB
+    return (img * _TORCHVISION_STD + _TORCHVISION_MEAN) * 255.0
+
+
+class Transform:
+    """Training transform: :func:`preprocess`, boxes resized to match, random horizontal flip.
+
+    Args:
+        min_size, max_size, normalize: as in :func:`preprocess`.
+        rng: draws the flips (``None``: a fresh, unseeded generator).
+    """
+
+    def __init__(
+        self,
+        min_size: int = 600,
+        max_size: int = 1000,
+        normalize: str = "torchvision",
+        rng: np.random.Generator | None = None,
+    ):
+        _check_normalize(normalize)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.normalize = normalize
+        self.rng = np.random.default_rng() if rng is None else rng
+
+    def __call__(self, in_data, rng: np.random.Generator | None = None):
+        """``(img (3, H, W), bbox (R, 4), label (R,))`` -> ``(img (3, H', W'), bbox (R, 4), label, scale)``.
+
+        ``scale = H' / H`` (a float); ``bbox`` is in pixels of the resized (and maybe flipped) image.
+        ``rng`` overrides the transform's own generator for this call.
+        """
+        img, bbox, label = in_data
+        _, in_h, in_w = img.shape
+        img = preprocess(img, self.min_size, self.max_size, self.normalize)
+        _, out_h, out_w = img.shape
+        scale = out_h / in_h
+        bbox = resize_bbox(bbox, (in_h, in_w), (out_h, out_w))
+        img, params = random_flip(img, x_random=True, return_param=True, rng=self.rng if rng is None else rng)
+        bbox = flip_bbox(bbox, (out_h, out_w), x_flip=params["x_flip"])
+        return img, bbox, label, scale
+
+
+def _normalize_of(opt) -> str:
+    return "caffe" if opt.caffe_pretrain else "torchvision"
+
+
+def _voc_source(opt) -> tuple[str, tuple[str, ...]]:
+    """The data folder and the class names that ``opt`` selects; generates the toy set on first use."""
+    label_names = getattr(opt, "label_names", None)
+    if opt.data == "voc":
+        data_dir, default_names = opt.voc_data_dir, VOC_BBOX_LABEL_NAMES
+    elif opt.data == "toy":
+        data_dir, default_names = opt.toy_data_dir, TOY_LABEL_NAMES
+        ensure_toy_voc(data_dir, **(getattr(opt, "toy_params", None) or {}))
+    else:
+        raise ValueError(f"opt.data must be 'voc' or 'toy', got {opt.data!r}")
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"data folder not found: {data_dir} (opt.data={opt.data!r} reads opt.{opt.data}_data_dir)")
+    return data_dir, tuple(label_names) if label_names else default_names
+
+
+class Dataset:
+    """Training data: ``trainval`` split without difficult objects, resized and randomly flipped.
+
+    Item ``i`` is ``(img, bbox, label, scale)``: ``img`` ``(3, H', W')`` float32 normalised (see
+    :func:`preprocess`), ``bbox`` ``(R, 4)`` float32 in pixels of ``img``, ``label`` ``(R,)`` int32,
+    ``scale = H' / H`` float. Arrays are contiguous (no negative strides).
+
+    Args:
+        opt: any object with the attributes ``data`` (``'voc'`` | ``'toy'``), ``voc_data_dir``,
+            ``toy_data_dir`` (the toy set is generated there on first use), ``min_size``, ``max_size``,
+            ``caffe_pretrain`` (caffe normalisation when true), and optionally ``label_names`` (empty
+            or ``None``: the VOC names, or the toy names for toy data), ``seed`` (flip generator seed;
+            ``None`` or missing: unseeded) and ``toy_params`` (a dict of
+            :class:`data.toy_dataset.ToyParams` fields for the toy set; ``None`` or missing: defaults).
+
+    Flips come from a ``numpy.random.Generator`` seeded with ``opt.seed``; in the main process
+    (``num_workers=0``) the sequence of flips is reproducible. In a DataLoader worker the generator is
+    re-seeded from ``(opt.seed, worker seed)``, the worker seed being the one torch gives each worker
+    (different per worker and per epoch, reproducible under ``torch.manual_seed``), so workers do not
+    repeat each other's flips.
+    """
+
+    def __init__(self, opt):
+        data_dir, self.label_names = _voc_source(opt)
+        self.db = VOCBboxDataset(data_dir, split="trainval", label_names=self.label_names)
+        self.seed = getattr(opt, "seed", None)
+        self.tsf = Transform(opt.min_size, opt.max_size, _normalize_of(opt), np.random.default_rng(self.seed))
+        self._worker_seed = None
+        self._worker_rng = None
+
+    def _flip_rng(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        if info is None:
+            return self.tsf.rng
+        if self._worker_seed != info.seed:
+            entropy = [info.seed] if self.seed is None else [self.seed, info.seed]
+            self._worker_seed = info.seed
+            self._worker_rng = np.random.default_rng(entropy)
+        return self._worker_rng
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def __getitem__(self, idx: int):
+        ori_img, bbox, label, _ = self.db.get_example(idx)
+        img, bbox, label, scale = self.tsf((ori_img, bbox, label), rng=self._flip_rng())
+        return np.ascontiguousarray(img), np.ascontiguousarray(bbox), label.copy(), scale
+
+
+class TestDataset:
+    """Evaluation data: a split with difficult objects kept and flagged, boxes in original pixels.
+
+    Item ``i`` is ``(img, size, bbox, label, difficult)``: ``img`` ``(3, H', W')`` float32 preprocessed,
+    ``size = (H, W)`` the original size as ints, ``bbox`` ``(R, 4)`` float32 in original pixels, ``label``
+    ``(R,)`` int32, ``difficult`` ``(R,)`` bool. Unlike the original (which always used 600/1000), the
+    resize follows ``opt.min_size`` / ``opt.max_size``.
+
+    Args:
+        opt: as for :class:`Dataset` (``seed`` unused).
+        split: the id list to read.
+        use_difficult: keep difficult objects (flagged in ``difficult``).
+    """
+
+    __test__ = False  # a data set, not a pytest test class
+
+    def __init__(self, opt, split: str = "test", use_difficult: bool = True):
+        data_dir, self.label_names = _voc_source(opt)
+        self.db = VOCBboxDataset(
+            data_dir, split=split, use_difficult=use_difficult, label_names=self.label_names)
+        self.min_size = opt.min_size
+        self.max_size = opt.max_size
+        self.normalize = _normalize_of(opt)
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+    def __getitem__(self, idx: int):
+        ori_img, bbox, label, difficult = self.db.get_example(idx)
+        img = preprocess(ori_img, self.min_size, self.max_size, self.normalize)
+        size = (int(ori_img.shape[1]), int(ori_img.shape[2]))
+        return img, size, bbox, label, difficult
