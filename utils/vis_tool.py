@@ -1,0 +1,387 @@
+"""Pictures of detections (matplotlib) and the training dashboard (visdom, plus files in the run folder).
+
+Drawing renders off-screen through ``matplotlib.figure.Figure`` and the Agg canvas, so it works headless with
+current Matplotlib and never changes the pyplot backend (a notebook keeps its inline plots): only
+:func:`vis_image` without an ``ax`` opens a pyplot figure, which is what a notebook user wants to see.
+
+Images are ``(3, H, W)`` RGB in ``[0, 255]`` (numpy arrays or tensors); boxes are ``(R, 4)``
+``(y_min, x_min, y_max, x_max)`` in pixels of that image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from utils.array_tool import tonumpy
+
+__all__ = ["Visualizer", "VisdomUnavailableWarning", "fig4vis", "vis_bbox", "vis_image", "visdom_bbox"]
+
+# Seconds to wait for a visdom server to accept a connection, and for it to answer a request (a shorter wait
+# for the first request: a port that accepts but never answers must not hold up the start of a run).
+CONNECT_TIMEOUT = 1.0
+FIRST_READ_TIMEOUT = 2.0
+READ_TIMEOUT = 10.0
+
+
+def _as_array(data) -> np.ndarray:
+    return tonumpy(data) if not isinstance(data, (list, tuple)) else np.asarray(data)
+
+
+def vis_image(img, ax: Axes | None = None) -> Axes:
+    """Show an image.
+
+    Args:
+        img: ``(3, H, W)`` RGB in ``[0, 255]`` (values outside are clipped), numpy array or tensor.
+        ax: where to draw; ``None`` opens a new pyplot figure (shown inline in a notebook).
+
+    Returns:
+        The ``Axes`` drawn on.
+    """
+    img = _as_array(img)
+    if img.ndim != 3 or img.shape[0] != 3:
+        raise ValueError(f"vis_image expects a (3, H, W) RGB image, got shape {img.shape}")
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        ax = plt.figure().add_subplot(1, 1, 1)
+    ax.imshow(np.clip(img, 0, 255).transpose((1, 2, 0)).astype(np.uint8))  # (3, H, W) -> (H, W, 3)
+    return ax
+
+
+def vis_bbox(img, bbox, label=None, score=None, ax: Axes | None = None,
+             label_names: Sequence[str] | None = None) -> Axes:
+    """Show an image with boxes: red outlines, captions ``"name: 0.xx"`` at their top-left corners.
+
+    Args:
+        img: ``(3, H, W)`` RGB in ``[0, 255]``.
+        bbox: ``(R, 4)`` ``(y_min, x_min, y_max, x_max)`` in pixels of ``img``.
+        label: ``(R,)`` integer labels in ``[0, len(label_names))``, optional; a label outside that range is
+            shown as its number.
+        score: ``(R,)`` scores, optional (shown with two decimals).
+        ax: where to draw; ``None`` opens a new pyplot figure.
+        label_names: class names in label order; default the 20 VOC names.
+
+    Returns:
+        The ``Axes`` drawn on.
+
+    Raises:
+        ValueError: ``bbox`` is not ``(R, 4)``, or ``label``/``score`` do not have ``R`` entries.
+    """
+    bbox = _as_array(bbox).reshape(-1, 4) if len(bbox) == 0 else _as_array(bbox)
+    if bbox.ndim != 2 or bbox.shape[1] != 4:
+        raise ValueError(f"bbox must have shape (R, 4), got {bbox.shape}")
+    if label is not None and len(label) != len(bbox):
+        raise ValueError(f"label has {len(label)} entries for {len(bbox)} boxes")
+    if score is not None and len(score) != len(bbox):
+        raise ValueError(f"score has {len(score)} entries for {len(bbox)} boxes")
+    if label_names is None:
+        from data.voc_dataset import VOC_BBOX_LABEL_NAMES
+
+        label_names = VOC_BBOX_LABEL_NAMES
+    ax = vis_image(img, ax=ax)
+    label = None if label is None else _as_array(label)
+    score = None if score is None else _as_array(score)
+    for i, (y_min, x_min, y_max, x_max) in enumerate(bbox.tolist()):
+        ax.add_patch(Rectangle((x_min, y_min), x_max - x_min, y_max - y_min,
+                               fill=False, edgecolor="red", linewidth=2))
+        caption = []
+        if label is not None:
+            lb = int(label[i])
+            caption.append(label_names[lb] if 0 <= lb < len(label_names) else str(lb))
+        if score is not None:
+            caption.append(f"{float(score[i]):.2f}")
+        if caption:
+            ax.text(x_min, y_min, ": ".join(caption), style="italic",
+                    bbox={"facecolor": "white", "alpha": 0.5, "pad": 0})
+    return ax
+
+
+def fig4vis(fig: Figure) -> np.ndarray:
+    """Render ``fig`` to an image for visdom, and close it if pyplot manages it.
+
+    Returns:
+        ``(3, H, W)`` float32 RGB in ``[0, 1]``; ``H, W`` are the figure's size in pixels. Transparent parts
+        are composited over white.
+    """
+    canvas = fig.canvas if hasattr(fig.canvas, "buffer_rgba") else FigureCanvasAgg(fig)
+    canvas.draw()
+    rgba = np.asarray(canvas.buffer_rgba(), dtype=np.float32) / 255  # (H, W, 4), straight alpha
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])
+    if fig.canvas.manager is not None:  # made by pyplot: free it as the original's plot.close() did
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return np.ascontiguousarray(rgb.transpose((2, 0, 1)))  # (H, W, 3) -> (3, H, W)
+
+
+def visdom_bbox(*args, **kwargs) -> np.ndarray:
+    """:func:`vis_bbox` drawn on an off-screen figure and rendered by :func:`fig4vis`: ``(3, H, W)``
+    float32 RGB in ``[0, 1]``."""
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    vis_bbox(*args, ax=fig.add_subplot(1, 1, 1), **kwargs)
+    return fig4vis(fig)
+
+
+class VisdomUnavailableWarning(UserWarning):
+    """No visdom server answers (at start or any more): the run goes on without it."""
+
+
+@functools.cache
+def _visdom_client_class() -> type:
+    """``visdom.Visdom`` with a timeout on every request and no retries or printing on failures."""
+    import visdom
+
+    logger = logging.getLogger("visdom")
+    if logger.level == logging.NOTSET:  # it logs a warning for every new session and for socketless use
+        logger.setLevel(logging.ERROR)
+
+    class Client(visdom.Visdom):
+        timeout = (CONNECT_TIMEOUT, FIRST_READ_TIMEOUT)  # the Visualizer lengthens it once connected
+
+        def _handle_post(self, url, data=None):
+            return self.session.post(url, data=data, timeout=self.timeout).text
+
+        def win_exists(self, win, env=None):
+            # visdom's prints and returns None when the server is gone; let the ConnectionError through.
+            return {"true": True, "false": False}.get(self._win_exists_wrap(win, env))
+
+    return Client
+
+
+class Visualizer:
+    """The original's visdom dashboard, optional, plus a history that is always written to ``log_dir``.
+
+    Visdom is used when ``use_visdom`` and a server answers at ``server:port``; otherwise (one warning) the
+    run goes on and every call is a no-op for visdom. A server that stops answering later costs one warning
+    too. Every :meth:`plot` point is also kept in memory and written to ``log_dir`` (when given):
+
+    * ``history.jsonl``: one JSON object per point, ``{"name", "step", "value", "time"}`` (Unix seconds);
+    * ``curves.png``: one panel per series, value against step;
+
+    rewritten atomically (temp file + ``os.replace``) at most every ``flush_every`` seconds from
+    :meth:`plot`, and by :meth:`flush`. A ``history.jsonl`` already in ``log_dir`` (a resumed run) is read
+    back and its series go on from their last step.
+
+    Args:
+        env: visdom environment.
+        port, server: where the visdom server listens (``server`` with or without ``http://``).
+        log_dir: folder of ``history.jsonl`` and ``curves.png`` (created when needed); ``None``: no files.
+        use_visdom: ``False`` skips visdom altogether (no warning).
+        flush_every: seconds between automatic rewrites of the files.
+        **kwargs: passed to ``visdom.Visdom`` (``base_url``, ``username``, ``password``, ...).
+    """
+
+    def __init__(self, env: str = "default", port: int = 8097, server: str = "http://localhost",
+                 log_dir: str | os.PathLike | None = None, use_visdom: bool = True, flush_every: float = 5.0,
+                 **kwargs) -> None:
+        self.env = env
+        self.port = port
+        self.server = server if "://" in server else "http://" + server
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self.flush_every = flush_every
+        self._vis_kw = kwargs
+        self.index: dict[str, int] = {}  # series name -> next step when plot() gets none (the original's)
+        self.log_text = ""
+        self.history: list[dict] = []
+        self._dirty = False
+        self._last_flush = -math.inf
+        if self.log_dir is not None:
+            self._read_history()
+        self.vis = self._connect() if use_visdom else None
+
+    @property
+    def connected(self) -> bool:
+        """Whether plots are still sent to a visdom server."""
+        return self.vis is not None
+
+    # --- visdom -----------------------------------------------------------------------------------------
+    def _address(self) -> str:
+        return f"{self.server}:{self.port}"
+
+    def _connect(self):
+        """A visdom client, or ``None`` with one warning when no visdom server answers."""
+        hint = (f"start one with `python -m visdom.server -port {self.port}` or pass --use-visdom=false; "
+                "training goes on without it")
+        if self.log_dir is not None:
+            hint += f", curves are still written to {os.path.join(self.log_dir, 'curves.png')}"
+        try:
+            # A bare TCP check first: fast, and no visdom import or retries when nothing listens.
+            socket.create_connection((urlparse(self.server).hostname, self.port), CONNECT_TIMEOUT).close()
+            with warnings.catch_warnings():  # visdom 0.2.4 calls the deprecated Logger.warn
+                warnings.simplefilter("ignore", DeprecationWarning)
+                client = _visdom_client_class()(
+                    server=self.server, port=self.port, env=self.env, use_incoming_socket=False,
+                    raise_exceptions=True, **self._vis_kw)
+            if client.win_exists("") is None:
+                raise ConnectionError("it answers, but not as a visdom server")
+        except (OSError, ImportError) as e:
+            warnings.warn(f"no visdom server at {self._address()} ({e}): {hint}",
+                          VisdomUnavailableWarning, stacklevel=3)
+            return None
+        client.timeout = (CONNECT_TIMEOUT, READ_TIMEOUT)
+        return client
+
+    def _call(self, method: str, *args, **kwargs):
+        """``self.vis.<method>(...)``; on a lost connection: one warning, and visdom is off from then on."""
+        if self.vis is None:
+            return None
+        try:
+            return getattr(self.vis, method)(*args, **kwargs)
+        except OSError as e:
+            warnings.warn(f"visdom server at {self._address()} stopped answering ({e}); no more plots are "
+                          "sent to it, training goes on", VisdomUnavailableWarning, stacklevel=3)
+            self.vis = None
+            return None
+
+    # --- the original's interface -----------------------------------------------------------------------
+    def plot(self, name: str, y, step: int | None = None, **kwargs) -> None:
+        """Add the point ``(step, y)`` to the curve ``name`` (window ``name``).
+
+        Args:
+            y: a number (or a one-element array/tensor).
+            step: x of the point; default: the number of points plotted before (the original's counter).
+            **kwargs: passed to ``visdom.Visdom.line``.
+        """
+        y = float(y)
+        x = self.index.get(name, 0) if step is None else int(step)
+        self._call("line", Y=np.array([y]), X=np.array([x]), win=name, opts={"title": name},
+                   update="append" if name in self.index else None, **kwargs)
+        self.index[name] = x + 1
+        self.history.append({"name": name, "step": x, "value": y, "time": round(time.time(), 3)})
+        self._dirty = True
+        if time.monotonic() - self._last_flush >= self.flush_every:
+            self.flush()
+
+    def plot_many(self, d: Mapping[str, float], step: int | None = None) -> None:
+        """:meth:`plot` each ``{name: value}`` (``None`` values are skipped)."""
+        for name, value in d.items():
+            if value is not None:
+                self.plot(name, value, step=step)
+
+    def img(self, name: str, img, **kwargs) -> None:
+        """Show an image in window ``name``: ``(3, H, W)`` or ``(N, 3, H, W)`` float in ``[0, 1]`` or uint8
+        in ``[0, 255]`` (numpy array or tensor); ``**kwargs`` go to ``visdom.Visdom.images``."""
+        if self.vis is not None:
+            self._call("images", _as_array(img), win=name, opts={"title": name}, **kwargs)
+
+    def img_many(self, d: Mapping[str, object]) -> None:
+        """:meth:`img` each ``{name: image}``."""
+        for name, img in d.items():
+            self.img(name, img)
+
+    def text(self, text, win: str = "text") -> None:
+        """Show ``text`` (anything; shown as ``str(text)``) in window ``win``."""
+        self._call("text", str(text), win=win)
+
+    def log(self, info, win: str = "log_text") -> None:
+        """Append ``[mmdd_HHMMSS] info`` to the log shown in window ``win``."""
+        self.log_text += f"[{time.strftime('%m%d_%H%M%S')}] {info} <br>"
+        self._call("text", self.log_text, win=win)
+
+    def save(self) -> None:
+        """Persist the env on the visdom server (its ``env_path``) and flush the files; never raises for a
+        missing server."""
+        self._call("save", [self.env])
+        self.flush()
+
+    def state_dict(self) -> dict:
+        """Plain values to store in a checkpoint (``vis_info``)."""
+        return {"index": dict(self.index), "vis_kw": {"server": self.server, "port": self.port},
+                "log_text": self.log_text, "env": self.env}
+
+    def load_state_dict(self, d: Mapping) -> Visualizer:
+        """Restore the counters, the log and the env of :meth:`state_dict` (also the original's
+        ``vis_info``). The connection settings (``vis_kw``) are not taken: this run's options decide where
+        plots go."""
+        self.index = {str(k): int(v) for k, v in d.get("index", {}).items()}
+        self.log_text = str(d.get("log_text", ""))
+        self.env = str(d.get("env", self.env))
+        if self.vis is not None:
+            self.vis.env = self.env
+        return self
+
+    # --- files ------------------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Rewrite ``history.jsonl`` and ``curves.png`` in ``log_dir`` if points came since the last flush."""
+        self._last_flush = time.monotonic()
+        if self.log_dir is None or not self._dirty:
+            return
+        os.makedirs(self.log_dir, exist_ok=True)
+        lines = "".join(json.dumps(record) + "\n" for record in self.history)
+        _atomic_write(os.path.join(self.log_dir, "history.jsonl"), lambda f: f.write(lines.encode()))
+        fig = _curves_figure(self.history)
+        _atomic_write(os.path.join(self.log_dir, "curves.png"), lambda f: fig.savefig(f, format="png"))
+        self._dirty = False
+
+    def _read_history(self) -> None:
+        """Load ``log_dir/history.jsonl`` if present; unreadable lines are skipped with one warning."""
+        path = os.path.join(self.log_dir, "history.jsonl")
+        if not os.path.exists(path):
+            return
+        n_bad = 0
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    record = {"name": str(record["name"]), "step": int(record["step"]),
+                              "value": float(record["value"]), "time": float(record.get("time", 0.0))}
+                except (ValueError, TypeError, KeyError):
+                    n_bad += 1
+                    continue
+                self.history.append(record)
+                self.index[record["name"]] = max(self.index.get(record["name"], 0), record["step"] + 1)
+        if n_bad:
+            warnings.warn(f"{path}: skipped {n_bad} unreadable line(s)", stacklevel=3)
+
+
+def _curves_figure(history: Sequence[dict]) -> Figure:
+    """One panel per series of ``history`` (in order of first appearance): value against step."""
+    series: dict[str, tuple[list, list]] = {}
+    for record in history:
+        steps, values = series.setdefault(record["name"], ([], []))
+        steps.append(record["step"])
+        values.append(record["value"])
+    n_col = min(len(series), 3)
+    n_row = math.ceil(len(series) / n_col)
+    fig = Figure(figsize=(4 * n_col, 3 * n_row), dpi=80, layout="tight")
+    FigureCanvasAgg(fig)
+    for i, (name, (steps, values)) in enumerate(series.items()):
+        ax = fig.add_subplot(n_row, n_col, i + 1)
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    return fig
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+    """Call ``write(binary_file)`` on a temp file beside ``path``, then move it onto ``path``: a reader (or a
+    kill at any moment) sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path),
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
