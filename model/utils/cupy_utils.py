@@ -31,13 +31,14 @@ def cupy_available() -> bool:
 
 
 @functools.cache
-def load_kernel(source: str, name: str, device_id: int):
+def load_kernel(source: str, name: str, device_id: int, options: tuple[str, ...] = ("--std=c++14",)):
     """Compile ``source`` once per device with NVRTC and return its ``extern "C"`` kernel ``name``.
 
+    ``options`` are NVRTC options (NMS adds ``--fmad=false`` so its IoUs round like its CPU path's).
     The cache is keyed by the source string itself, so two different kernels never share an entry.
     """
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=source, options=("--std=c++14",)).get_function(name)
+        return cupy.RawModule(code=source, options=options).get_function(name)
 
 
 def to_cupy(tensor):
