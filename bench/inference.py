@@ -1,0 +1,332 @@
+"""Inference time and memory: our ``FasterRCNNVGG16`` against torchvision's ``FasterRCNN`` on the same VGG16.
+
+Both models are randomly initialised (no ImageNet weights are available offline) with the *same* VGG16
+weights: torchvision's model gets copies of our extractor (conv1_1 ... relu5_3, 512 channels), fc6/fc7 and
+class/box layers; only its RPN head (one objectness logit per anchor instead of two) has its own random
+weights. The class biases are drawn from U(0, 2.5) in both so that a realistic number of detections go
+through the per-class NMS (with a plain random init every class probability is about 1/21 < 0.05 and both
+models would skip post-processing). torchvision's model uses the original's test settings: 9 anchors
+(sizes 128/256/512, ratios 0.5/1/2), RoIPool 7x7 at 1/16 (``torchvision.ops.RoIPool`` behind the
+``MultiScaleRoIAlign`` call signature), RPN NMS 0.7 with 6000/300 boxes before/after, box score 0.05, box NMS
+0.3, no cap on detections, min_size 600 / max_size 1000.
+
+What is timed, on a real photo (scikit-image's ``chelsea``, resized to 600x800; 600x1000 with ``--device
+cuda``):
+
+* ours: ``predict([img], [size])`` on the preprocessed image (``data.dataset.preprocess`` is timed
+  separately and reported, and added in the end-to-end ratio), the 'evaluate' preset;
+* torchvision: ``model([img])`` on the RGB [0, 1] tensor (its transform normalises and resizes inside).
+
+Ours runs with ``model.to(memory_format=torch.channels_last)`` (``--no-channels-last`` to disable); for
+information, the same two models run also as "ours, contiguous" and "torchvision, channels_last backbone",
+so the gain of the memory format and what torchvision would get from it are visible in the same run.
+Repetitions interleave the models, and the median is reported. The FLOP floor is (FLOPs of every
+convolution of the extractor and the RPN + FLOPs of the head's linear layers for the RoIs actually pooled)
+divided by the fp32 rate of a 4096x4096 matmul measured in the same run (between the repetitions, so
+that it sees the same machine load).
+
+Peak memory on the CPU: each model runs in a fresh subprocess that builds the model, resets the kernel's
+peak-RSS counter (``/proc/self/clear_refs``), runs inference twice and reads ``VmHWM`` from
+``/proc/self/status``: the peak resident memory during inference, weights included. With ``--device cuda``:
+``torch.cuda.max_memory_allocated`` after a reset, per model, in this process.
+
+Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda] [--profile]``
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from skimage import data as skimage_data
+from skimage.transform import resize
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.dataset import preprocess  # noqa: E402
+from model import FasterRCNNVGG16  # noqa: E402
+
+N_FG_CLASS = 20
+
+
+class RoIPoolAdapter(MultiScaleRoIAlign):
+    """``torchvision.ops.RoIPool`` behind ``MultiScaleRoIAlign``'s interface (torchvision's FasterRCNN accepts
+    only that type), on the one feature map ``'0'``."""
+
+    def __init__(self, output_size: int = 7, spatial_scale: float = 1 / 16):
+        super().__init__(featmap_names=["0"], output_size=output_size, sampling_ratio=0)
+        self.pool = torchvision.ops.RoIPool((output_size, output_size), spatial_scale)
+
+    def forward(self, features: dict, proposals: list, image_shapes: list) -> torch.Tensor:
+        return self.pool(features["0"], proposals)  # proposals: (x_min, y_min, x_max, y_max) per image
+
+
+def build_ours(seed: int) -> FasterRCNNVGG16:
+    torch.manual_seed(seed)
+    model = FasterRCNNVGG16(n_fg_class=N_FG_CLASS).eval()
+    with torch.no_grad():
+        model.head.score.bias.uniform_(0, 2.5)
+    return model
+
+
+def build_torchvision(ours: FasterRCNNVGG16, share: bool) -> TorchvisionFasterRCNN:
+    """torchvision's FasterRCNN with ``ours``'s VGG16 weights: the same modules if ``share``, else copies."""
+    take = (lambda m: m) if share else copy.deepcopy
+    backbone = take(ours.extractor)
+    backbone.out_channels = 512
+    box_head = nn.Sequential(nn.Flatten(1), take(ours.head.classifier))  # (R, 512, 7, 7) -> (R, 4096)
+    predictor = FastRCNNPredictor(4096, N_FG_CLASS + 1)
+    predictor.cls_score.load_state_dict(ours.head.score.state_dict())
+    predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
+    return TorchvisionFasterRCNN(
+        backbone,
+        min_size=600,
+        max_size=1000,
+        rpn_anchor_generator=AnchorGenerator(sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        rpn_pre_nms_top_n_test=6000,
+        rpn_post_nms_top_n_test=300,
+        rpn_nms_thresh=0.7,
+        box_roi_pool=RoIPoolAdapter(7, 1 / 16),
+        box_head=box_head,
+        box_predictor=predictor,
+        box_score_thresh=0.05,
+        box_nms_thresh=0.3,
+        box_detections_per_img=100_000,  # the original has no cap
+    ).eval()
+
+
+def photo(height: int, width: int) -> np.ndarray:
+    """scikit-image's chelsea (300x451) resized to ``(3, height, width)`` float32 RGB in [0, 255]."""
+    img = skimage_data.chelsea().astype(np.float32) / 255
+    img = resize(img, (height, width), anti_aliasing=True)
+    return (img.transpose(2, 0, 1) * 255).astype(np.float32)
+
+
+class Inputs:
+    """The image in the form each model takes, on ``device``."""
+
+    def __init__(self, raw: np.ndarray, device: torch.device):
+        self.raw = raw
+        self.size = raw.shape[1:]
+        self.pre = torch.from_numpy(preprocess(raw, 600, 1000, "torchvision")).to(device)
+        self.tv = (torch.from_numpy(raw) / 255).to(device)
+
+
+def run_ours(model, inputs: Inputs):
+    return model.predict([inputs.pre], [inputs.size])
+
+
+def run_torchvision(model, inputs: Inputs):
+    with torch.no_grad():
+        return model([inputs.tv])
+
+
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> dict[str, int]:
+    """FLOPs (multiply-add = 2) of one ``predict``: extractor convs, RPN convs, head linears, from hooks."""
+    flops = {"extractor": 0, "rpn": 0, "head": 0, "n_roi": 0}
+
+    def hook(part):
+        def record(module, args, out):
+            if isinstance(module, nn.Conv2d):
+                k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+                flops[part] += 2 * k * out.numel()
+            else:
+                flops[part] += 2 * module.in_features * out.numel()
+                if part == "head" and module is model.head.score:
+                    flops["n_roi"] = out.shape[0]
+        return record
+
+    handles = []
+    for part, module in (("extractor", model.extractor), ("rpn", model.rpn), ("head", model.head)):
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                handles.append(m.register_forward_hook(hook(part)))
+    try:
+        run_ours(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return flops
+
+
+class Matmul:
+    """A 4096x4096 fp32 matmul, ``2 * 4096**3`` FLOPs, timed among the models' repetitions."""
+
+    flops = 2 * 4096**3
+
+    def __init__(self, device: torch.device):
+        self.a = torch.randn(4096, 4096, device=device)
+        self.b = torch.randn(4096, 4096, device=device)
+
+    def __call__(self) -> torch.Tensor:
+        return self.a @ self.b
+
+
+def _proc_status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(which: str, threads: int) -> None:
+    """In a fresh process: build one model, reset the peak RSS, infer twice, print the peaks as JSON."""
+    torch.set_num_threads(threads)
+    ours = build_ours(seed=0)
+    if which == "ours":
+        model, run = ours, run_ours
+        model.to(memory_format=torch.channels_last)
+    else:
+        model, run = build_torchvision(ours, share=True), run_torchvision
+        del ours  # its RPN only; the backbone and fc layers now belong to torchvision's model
+    inputs = Inputs(photo(600, 800), torch.device("cpu"))
+    loaded_kb = _proc_status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    for _ in range(2):
+        run(model, inputs)
+    peak_kb = _proc_status_kb("VmHWM")
+    print(json.dumps({"loaded_mb": loaded_kb / 1024, "peak_mb": peak_kb / 1024}))
+
+
+def cpu_peak_memory(threads: int) -> dict[str, dict]:
+    result = {}
+    for which in ("ours", "torchvision"):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", which, "--threads", str(threads)],
+            check=True, capture_output=True, text=True,
+        )
+        result[which] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def cuda_peak_memory(models: dict, inputs: Inputs, device: torch.device) -> dict[str, float]:
+    result = {}
+    for name, (model, run) in models.items():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        run(model, inputs)
+        torch.cuda.synchronize(device)
+        result[name] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model (default 5)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="run our extractor in the default contiguous format")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of ours")
+    parser.add_argument("--memory-child", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.threads)
+        return
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    height, width = (600, 1000) if device.type == "cuda" else (600, 800)
+    ours = build_ours(seed=0)
+    ours_contiguous = copy.deepcopy(ours).to(device)
+    tv = build_torchvision(ours, share=False).to(device)
+    tv_cl = build_torchvision(ours, share=False).to(device)
+    tv_cl.backbone.to(memory_format=torch.channels_last)
+    ours.to(device)
+    if not args.no_channels_last:
+        ours.to(memory_format=torch.channels_last)
+    inputs = Inputs(photo(height, width), device)
+    models = {
+        "ours": (ours, run_ours),
+        "torchvision": (tv, run_torchvision),
+        "ours, contiguous": (ours_contiguous, run_ours),
+        "torchvision, channels_last backbone": (tv_cl, run_torchvision),
+    }
+
+    print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"threads {torch.get_num_threads()}, image {height}x{width} (chelsea), random init, "
+          f"ours in {'contiguous' if args.no_channels_last else 'channels_last'} format")
+    n_det = {}
+    for name, (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
+        out = run(model, inputs)
+        n_det[name] = len(out[1][0]) if name.startswith("ours") else len(out[0]["labels"])
+    matmul = Matmul(device)
+    matmul()
+    times = {name: [] for name in models}
+    matmul_times = []
+    for _ in range(args.reps):
+        for name, (model, run) in models.items():
+            times[name].append(timed(lambda model=model, run=run: run(model, inputs), device)[0])
+        matmul_times.append(statistics.median(timed(matmul, device)[0] for _ in range(3)))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    cpu = torch.device("cpu")
+    pre_time = statistics.median(
+        timed(lambda: preprocess(inputs.raw, 600, 1000, "torchvision"), cpu)[0] for _ in range(5)
+    )
+
+    flops = count_flops(ours, inputs)
+    rate = matmul.flops / statistics.median(matmul_times)
+    total_flops = flops["extractor"] + flops["rpn"] + flops["head"]
+    floor = total_flops / rate
+
+    for name, t in median.items():
+        spread = f"min {min(times[name]):.3f} max {max(times[name]):.3f}"
+        print(f"{name:38s} {t:.3f} s median of {args.reps} ({spread}), {n_det[name]} detections")
+    print(f"{'ours: preprocess (skimage, CPU)':38s} {pre_time:.3f} s")
+    ratio = median["ours"] / median["torchvision"]
+    print(f"ratio ours / torchvision:               {ratio:.3f} (target <= 0.85)")
+    ratio = (median["ours"] + pre_time) / median["torchvision"]
+    print(f"ratio ours + preprocess / torchvision:  {ratio:.3f}")
+    print(f"ratio ours / torchvision channels_last: "
+          f"{median['ours'] / median['torchvision, channels_last backbone']:.3f} (for information)")
+    print(f"ratio ours / ours contiguous:           {median['ours'] / median['ours, contiguous']:.3f} "
+          "(the gain of channels_last)")
+    print(f"FLOPs: extractor {flops['extractor'] / 1e9:.1f} G, RPN {flops['rpn'] / 1e9:.1f} G, head "
+          f"{flops['head'] / 1e9:.1f} G for {flops['n_roi']} RoIs; "
+          f"fp32 matmul 4096^3 {rate / 1e9:.0f} GFLOP/s")
+    print(f"FLOP floor {floor:.3f} s; ours / floor {median['ours'] / floor:.3f} (target <= 1.15)")
+    if device.type == "cuda":
+        for name, t in median.items():
+            print(f"{name:38s} {1 / t:.1f} fps")
+        for name, mb in cuda_peak_memory(models, inputs, device).items():
+            print(f"{name:38s} peak CUDA memory {mb:.0f} MiB (torch.cuda.max_memory_allocated)")
+    else:
+        memory = cpu_peak_memory(args.threads)
+        for name, m in memory.items():
+            print(f"{name:38s} peak RSS during inference {m['peak_mb']:.0f} MiB (loaded model "
+                  f"{m['loaded_mb']:.0f} MiB; fresh process, VmHWM)")
+        ratio = memory["ours"]["peak_mb"] / memory["torchvision"]["peak_mb"]
+        print(f"peak memory ours / torchvision: {ratio:.3f} (target <= 1)")
+
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            run_ours(ours, inputs)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Faster R-CNN models, and rebuilding one from the ``'arch'`` entry of a checkpoint.
+
+A model class records its constructor arguments as plain values in ``self.arch``, with ``'name'`` its key in
+``_ARCHS`` (``FasterRCNNVGG16`` does). Adding a backbone = one entry in ``_ARCHS`` plus that ``self.arch``.
+"""
+
+import copy
+from collections.abc import Callable
+
+from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn_vgg16 import FasterRCNNVGG16
+
+__all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn"]
+
+# arch['name'] -> constructor taking the other entries of arch as keyword arguments
+_ARCHS: dict[str, Callable[..., FasterRCNN]] = {
+    "vgg16": FasterRCNNVGG16,
+}
+
+
+def build_faster_rcnn(arch: dict, **overrides) -> FasterRCNN:
+    """Build a randomly initialised model of the architecture ``arch`` (weights come from the checkpoint).
+
+    Args:
+        arch: the checkpoint's ``'arch'`` dict: ``'name'`` (a key of the registry: ``'vgg16'``) and the
+            constructor's keyword arguments, e.g. ``{'name': 'vgg16', 'n_fg_class': 20, 'ratios': [0.5, 1, 2],
+            'anchor_scales': [8, 16, 32], 'use_drop': False}``.
+        **overrides: keyword arguments that replace entries of ``arch`` (e.g. ``normalize='caffe'``).
+    """
+    kwargs = {**arch, **overrides}
+    name = kwargs.pop("name", None)
+    if name not in _ARCHS:
+        raise ValueError(f"arch['name'] must be one of {sorted(_ARCHS)}, got {name!r}")
+    return _ARCHS[name](**kwargs)
+
+
+def arch_of(model: FasterRCNN) -> dict:
+    """The ``'arch'`` dict of ``model`` (plain values), such that ``build_faster_rcnn`` rebuilds it."""
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError(f"{type(model).__name__} does not record its architecture "
+                         "(self.arch, see model/__init__.py)")
+    return copy.deepcopy(arch)

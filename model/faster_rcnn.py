@@ -1,0 +1,272 @@
+"""Faster R-CNN: a feature extractor, a Region Proposal Network and a RoI head, plus ``predict``.
+
+Ren et al., "Faster R-CNN: Towards Real-Time Object Detection with Region Proposal Networks", NIPS 2015.
+
+Shape symbols used below:
+
+    N:    batch size (``predict`` runs its images one at a time).
+    H, W: height and width of an input image; ``H', W'`` after preprocessing.
+    R:    RoIs of an image (at most 300 at test time).
+    L:    classes of the RoI head, background included (``n_class = n_fg_class + 1``; class 0 is background).
+    K:    detections kept in an image.
+
+Naming rules: ``bbox``/``roi`` are boxes in pixels, ``(y_min, x_min, y_max, x_max)``; ``loc`` is the offset
+``(t_y, t_x, t_h, t_w)`` that turns a RoI into a box; ``label`` is a foreground label in ``[0, n_fg_class)``
+outside the head (head class = label + 1).
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from data.dataset import preprocess
+from model.utils.nms import non_maximum_suppression
+
+__all__ = ["FasterRCNN"]
+
+# name -> (nms_thresh, score_thresh) of the per-class suppression in ``predict``
+_PRESETS = {"visualize": (0.3, 0.7), "evaluate": (0.3, 0.05)}
+
+
+class FasterRCNN(nn.Module):
+    """Faster R-CNN on top of any extractor/RPN/head triple.
+
+    ``forward`` runs the three parts on a batch of preprocessed images; ``predict`` goes from images to
+    detections in original-image pixels. Subclasses (``FasterRCNNVGG16``) build the parts.
+
+    The device and the memory format follow the model: ``model.to(device)`` moves everything, and
+    ``model.to(memory_format=torch.channels_last)`` makes ``forward`` hand the extractor a ``channels_last``
+    input too (on the CPU this cuts the VGG16 convolutions by about a quarter: ``bench/inference.py``).
+
+    Args:
+        extractor: module mapping ``(N, 3, H', W')`` images to ``(N, C, hh, ww)`` features.
+        rpn: a :class:`~model.region_proposal_network.RegionProposalNetwork`.
+        head: module mapping ``(features, rois (R, 4), roi_indices (R,))`` to ``(roi_cls_locs (R, L*4),
+            roi_scores (R, L))``; it has an ``n_class`` attribute (``L``).
+        loc_normalize_mean, loc_normalize_std: the head's ``loc`` targets are ``(loc - mean) / std``;
+            ``predict`` undoes it.
+        min_size, max_size, normalize: how ``predict(visualize=True)`` preprocesses raw images
+            (:func:`data.dataset.preprocess`): shorter side to ``min_size``, longer at most ``max_size``,
+            ``'torchvision'`` or ``'caffe'`` normalisation (the one the backbone weights want).
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        rpn: nn.Module,
+        head: nn.Module,
+        loc_normalize_mean: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
+        loc_normalize_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
+        min_size: int = 600,
+        max_size: int = 1000,
+        normalize: str = "torchvision",
+    ):
+        super().__init__()
+        self.extractor = extractor
+        self.rpn = rpn
+        self.head = head
+        self.loc_normalize_mean = tuple(float(v) for v in loc_normalize_mean)
+        self.loc_normalize_std = tuple(float(v) for v in loc_normalize_std)
+        # buffers follow .to(device) but stay out of the state dict (its keys are the original's)
+        self.register_buffer("_loc_mean", torch.tensor(self.loc_normalize_mean), persistent=False)
+        self.register_buffer("_loc_std", torch.tensor(self.loc_normalize_std), persistent=False)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.normalize = normalize
+        self.use_preset("evaluate")
+
+    @property
+    def n_class(self) -> int:
+        """Classes of the RoI head, background included."""
+        return self.head.n_class
+
+    @property
+    def feat_stride(self) -> int:
+        """Input-image pixels per feature-map cell."""
+        return self.rpn.feat_stride
+
+    def forward(
+        self, x: torch.Tensor, scale: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """Run extractor, RPN and head on a batch of preprocessed images.
+
+        Args:
+            x: ``(N, 3, H', W')`` float preprocessed images.
+            scale: how much the images were scaled from the originals (the RPN drops proposals smaller than
+                ``16 * scale`` pixels).
+
+        Returns:
+            ``(roi_cls_locs, roi_scores, rois, roi_indices)``:
+
+            * ``roi_cls_locs``: ``(R, L * 4)`` float tensor, normalised offsets of every RoI for every class.
+            * ``roi_scores``: ``(R, L)`` float tensor of class logits.
+            * ``rois``: ``(R, 4)`` float32 numpy array, ``(y_min, x_min, y_max, x_max)`` in ``x``'s pixels.
+            * ``roi_indices``: ``(R,)`` int32 numpy array, the image of each RoI.
+        """
+        img_size = (x.shape[2], x.shape[3])
+        h = self.extractor(x.contiguous(memory_format=self._extractor_memory_format()))
+        _, _, rois, roi_indices, _ = self.rpn(h, img_size, scale)
+        roi_cls_locs, roi_scores = self.head(h, rois, roi_indices)
+        return roi_cls_locs, roi_scores, rois, roi_indices
+
+    def _extractor_memory_format(self) -> torch.memory_format:
+        """``channels_last`` when the extractor's first convolution weight is in that format."""
+        weight = next((p for p in self.extractor.parameters() if p.dim() == 4), None)
+        if weight is not None and weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        return torch.contiguous_format
+
+    def faster_rcnn_arch(self) -> dict:
+        """This class's constructor arguments (all but the three parts) as plain values; a subclass adds
+        them to its ``arch`` dict (see ``model/__init__.py``)."""
+        return {
+            "loc_normalize_mean": list(self.loc_normalize_mean),
+            "loc_normalize_std": list(self.loc_normalize_std),
+            "min_size": int(self.min_size),
+            "max_size": int(self.max_size),
+            "normalize": str(self.normalize),
+        }
+
+    def use_preset(self, preset: str) -> None:
+        """Set the thresholds of ``predict``'s per-class suppression.
+
+        ``'visualize'``: NMS IoU 0.3, score 0.7 (few confident boxes to draw). ``'evaluate'``: NMS IoU 0.3,
+        score 0.05 (recall for mAP). Sets ``self.nms_thresh`` and ``self.score_thresh``.
+        """
+        if preset not in _PRESETS:
+            raise ValueError(f"preset must be one of {sorted(_PRESETS)}, got {preset!r}")
+        self.nms_thresh, self.score_thresh = _PRESETS[preset]
+
+    @torch.no_grad()
+    def predict(
+        self, imgs, sizes=None, visualize: bool = False
+    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """Detect objects in images.
+
+        Runs in eval mode (test-time proposal counts) without gradients, on the model's device, one image at
+        a time; the train/eval mode and the thresholds found on entry are restored on exit (the original
+        always left the model in train mode with the ``'evaluate'`` preset).
+
+        Args:
+            imgs: a sequence (or an ``(N, 3, H, W)`` array/tensor) of images. With ``visualize=True``: raw
+                ``(3, H, W)`` RGB images in [0, 255], preprocessed here with this model's ``min_size``,
+                ``max_size`` and ``normalize``, and the ``'visualize'`` preset is used for this call only.
+                Otherwise: ``(3, H', W')`` images already preprocessed, with the current preset.
+            sizes: with ``visualize=False``, the original ``(H, W)`` of each image (ints or 0-d tensors).
+            visualize: see ``imgs``.
+
+        Returns:
+            ``(bboxes, labels, scores)``, lists with one entry per image:
+
+            * ``bboxes[i]``: ``(K, 4)`` float32, ``(y_min, x_min, y_max, x_max)`` in original-image pixels,
+              clipped to ``[0, H] x [0, W]``.
+            * ``labels[i]``: ``(K,)`` int32 foreground labels in ``[0, n_class - 1)``.
+            * ``scores[i]``: ``(K,)`` float32 class probabilities in ``[0, 1]``.
+
+            Detections come class by class (label ascending), best score first within a class.
+        """
+        was_training = self.training
+        thresholds = (self.nms_thresh, self.score_thresh)
+        self.eval()
+        try:
+            if visualize:
+                self.use_preset("visualize")
+                sizes = [tuple(img.shape[1:]) for img in imgs]
+                imgs = [preprocess(_to_numpy(img), self.min_size, self.max_size, self.normalize)
+                        for img in imgs]
+            elif sizes is None:
+                raise ValueError("predict(visualize=False) takes preprocessed images and needs their "
+                                 "original sizes: pass sizes=[(H, W), ...]")
+            bboxes, labels, scores = [], [], []
+            for img, size in zip(imgs, sizes, strict=True):
+                bbox, label, score = self._predict_one(img, (int(size[0]), int(size[1])))
+                bboxes.append(bbox)
+                labels.append(label)
+                scores.append(score)
+        finally:
+            self.train(was_training)
+            self.nms_thresh, self.score_thresh = thresholds
+        return bboxes, labels, scores
+
+    def _predict_one(self, img, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Detections of one preprocessed ``(3, H', W')`` image whose original size is ``size = (H, W)``."""
+        device = self._loc_mean.device  # the model's device and dtype
+        x = torch.as_tensor(img, dtype=self._loc_mean.dtype, device=device)[None]  # -> (1, 3, H', W')
+        height, width = size
+        scale_y, scale_x = x.shape[2] / height, x.shape[3] / width
+        # the RPN's size filter takes the height ratio, as the training pipeline does (data/dataset.py)
+        roi_cls_loc, roi_score, rois, _ = self(x, scale=scale_y)
+
+        # back to original-image pixels, axis by axis (the exact inverse of the resize)
+        roi = torch.as_tensor(rois, device=device) / roi_cls_loc.new_tensor(
+            (scale_y, scale_x, scale_y, scale_x)
+        )  # (R, 4)
+        roi_cls_loc = roi_cls_loc.view(-1, self.n_class, 4)  # (R, L*4) -> (R, L, 4)
+        roi_cls_loc = roi_cls_loc * self._loc_std + self._loc_mean  # undo the target normalisation
+        cls_bbox = _loc2bbox(roi[:, None, :], roi_cls_loc)  # (R, L, 4)
+        cls_bbox[..., 0::2] = cls_bbox[..., 0::2].clamp(0, height)
+        cls_bbox[..., 1::2] = cls_bbox[..., 1::2].clamp(0, width)
+        prob = F.softmax(roi_score, dim=1)  # (R, L)
+
+        # background (class 0) out; foreground label = head class - 1
+        fg_bbox, fg_prob = cls_bbox[:, 1:, :], prob[:, 1:]  # (R, L-1, 4), (R, L-1)
+        fg_label = torch.arange(self.n_class - 1, device=device).expand_as(fg_prob)  # (R, L-1)
+        mask = fg_prob > self.score_thresh
+        bbox, score, label = fg_bbox[mask], fg_prob[mask], fg_label[mask]  # (K', 4), (K',), (K',)
+        keep = _batched_nms(bbox, score, label, self.nms_thresh, max_coord=max(height, width))  # (K,)
+
+        # the one device -> host crossing of this image: boxes, labels and scores side by side
+        result = torch.cat((bbox[keep], label[keep, None].to(bbox.dtype), score[keep, None]), dim=1)  # (K, 6)
+        result = result.cpu().numpy()
+        return np.ascontiguousarray(result[:, :4]), result[:, 4].astype(np.int32), result[:, 5].copy()
+
+
+def _to_numpy(img) -> np.ndarray:
+    """A raw image (numpy array or tensor on any device) as a float32 numpy array."""
+    if torch.is_tensor(img):
+        img = img.detach().cpu().numpy()
+    return np.asarray(img, dtype=np.float32)
+
+
+def _loc2bbox(src_bbox: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`model.utils.bbox_tools.loc2bbox` for ``predict``: decoding stays on the device.
+
+    ``src_bbox`` ``(..., 4)`` and ``loc`` ``(..., 4)`` broadcast against each other; returns ``(..., 4)``
+    boxes ``(y_min, x_min, y_max, x_max)`` from ``g_y = p_h t_y + p_y``, ``g_h = p_h exp(t_h)`` (same for x,
+    w).
+    """
+    src_size = src_bbox[..., 2:] - src_bbox[..., :2]  # (..., 2) heights, widths
+    src_ctr = src_bbox[..., :2] + 0.5 * src_size  # (..., 2) centre y, x
+    ctr = loc[..., :2] * src_size + src_ctr
+    size = torch.exp(loc[..., 2:]) * src_size
+    return torch.cat((ctr - 0.5 * size, ctr + 0.5 * size), dim=-1)
+
+
+def _batched_nms(
+    bbox: torch.Tensor, score: torch.Tensor, label: torch.Tensor, thresh: float, max_coord: float
+) -> torch.Tensor:
+    """NMS within each class, all classes in one call of :func:`non_maximum_suppression`.
+
+    Each box is shifted by ``label * (max_coord + 1)`` along both axes, so boxes of different classes lie in
+    disjoint squares: their IoU is 0 and, since ``thresh > 0``, they never suppress each other. (The shift
+    costs float32 precision, about ``1e-7`` of the largest shifted coordinate, so a pair whose IoU is within
+    that of ``thresh`` may be decided differently than by unshifted boxes.)
+
+    Args:
+        bbox: ``(K', 4)`` float boxes, coordinates in ``[0, max_coord]``.
+        score: ``(K',)`` float scores.
+        label: ``(K',)`` int64 labels (``>= 0``).
+        thresh: IoU threshold, ``> 0``; a box is suppressed by a better one of its class at IoU ``>= thresh``.
+        max_coord: upper bound of the coordinates.
+
+    Returns:
+        ``(K,)`` int64 indices into the inputs, class by class (label ascending), best score first within a
+        class; equal scores keep input order.
+    """
+    if not thresh > 0:
+        raise ValueError(f"per-class NMS needs an IoU threshold > 0, got {thresh}")
+    shifted = bbox + (label.to(bbox.dtype) * (max_coord + 1))[:, None]  # (K', 4)
+    keep = non_maximum_suppression(shifted, thresh, score)  # (K,) best first, on bbox's device
+    order = torch.argsort(label[keep], stable=True)  # class by class, keeping best-first within a class
+    return keep[order]
