@@ -8,6 +8,7 @@ import copy
 from collections.abc import Callable
 
 from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn_toy import FasterRCNNToy
 from model.faster_rcnn_vgg16 import FasterRCNNVGG16
 
 __all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn"]
@@ -15,6 +16,7 @@ __all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn"]
 # arch['name'] -> constructor taking the other entries of arch as keyword arguments
 _ARCHS: dict[str, Callable[..., FasterRCNN]] = {
     "vgg16": FasterRCNNVGG16,
+    "toy": FasterRCNNToy,
 }
 
 

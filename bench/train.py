@@ -1,0 +1,181 @@
+"""Training speed: our ``FasterRCNNVGG16`` + ``FasterRCNNTrainer`` against torchvision's ``FasterRCNN`` on the
+same VGG16, and the toy job's time to mAP 0.9.
+
+1. VGG16 training step (``--device cpu``, the default). Both models start from the same random VGG16
+   weights (``bench/inference.py``'s ``build_ours`` / ``build_torchvision``: conv1/conv2 frozen in both,
+   RoIPool 7x7 at 1/16, 9 anchors of 128/256/512 px). torchvision's model is set to the original's training
+   settings: RPN 12000/2000 boxes before/after NMS, 256 anchors sampled (half positive at most), 128 RoIs
+   (a quarter positive at most). Both use the original's optimizer (SGD, momentum 0.9, biases 2x lr, no
+   weight decay on biases). One step = forward, the four losses, backward, optimizer step, on a 600x800
+   photo (scikit-image's ``chelsea``) with three ground-truth boxes. Ours runs its extractor in
+   ``channels_last`` (as ``bench/inference.py``); ours is given the preprocessed image, torchvision the RGB
+   [0, 1] image (it normalises inside; the resize is a no-op at 600x800). Repetitions interleave the two
+   models; medians are reported, and the ratio (target <= 0.85).
+2. Toy time to mAP: ``train.train(data='toy')`` exactly as ``python train.py train --data=toy`` runs it,
+   in this process; the run's ``history.jsonl`` gives the iteration and the time (evaluation included) at
+   which the per-epoch test mAP first reached 0.9, the final mAP and the total time.
+3. ``--device cuda``: images/s and peak memory (``torch.cuda.max_memory_allocated``) of VOC-size training
+   steps (600x1000) for both models. Targets on an H100: >= 20 img/s, <= 3 GB.
+
+Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda] [--skip-toy]
+[--toy-only] [--profile]``
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.inference import build_ours, build_torchvision, photo  # noqa: E402
+from data.dataset import preprocess  # noqa: E402
+from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
+
+# Ground truth of the benchmark image, (y_min, x_min, y_max, x_max) in 600x800 pixels, and fg labels.
+BBOX = np.array([[60, 120, 560, 700], [200, 40, 420, 300], [300, 500, 520, 760]], dtype=np.float32)
+LABEL = np.array([7, 11, 14], dtype=np.int32)
+
+
+class OursStep:
+    """One training step of our trainer on the preprocessed image."""
+
+    def __init__(self, raw: np.ndarray, device: torch.device, channels_last: bool):
+        model = build_ours(seed=0).train().to(device)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.trainer = FasterRCNNTrainer(model, seed=0)
+        img = preprocess(raw, 600, 1000, "torchvision")
+        self.img = torch.from_numpy(img)[None].to(device)
+        self.scale = img.shape[1] / raw.shape[1]
+        self.bbox = torch.from_numpy(BBOX * self.scale)[None]
+        self.label = torch.from_numpy(LABEL)[None]
+
+    def __call__(self):
+        return self.trainer.train_step(self.img, self.bbox, self.label, self.scale)
+
+
+class TorchvisionStep:
+    """One training step of torchvision's FasterRCNN set to the original's training settings."""
+
+    def __init__(self, raw: np.ndarray, device: torch.device):
+        model = build_torchvision(build_ours(seed=0), share=False)
+        model.rpn._pre_nms_top_n["training"] = 12000
+        model.rpn._post_nms_top_n["training"] = 2000
+        model.rpn.fg_bg_sampler.batch_size_per_image = 256
+        model.rpn.fg_bg_sampler.positive_fraction = 0.5
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = 128
+        model.roi_heads.fg_bg_sampler.positive_fraction = 0.25
+        self.model = model.train().to(device)
+        self.optimizer = get_optimizer(self.model)
+        self.img = [(torch.from_numpy(raw) / 255).to(device)]
+        boxes = torch.from_numpy(BBOX[:, [1, 0, 3, 2]])  # (y_min, x_min, ...) -> (x_min, y_min, ...)
+        self.targets = [{"boxes": boxes.to(device), "labels": torch.from_numpy(LABEL + 1).long().to(device)}]
+
+    def __call__(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.model(self.img, self.targets)
+        total = sum(losses.values())
+        total.backward()
+        self.optimizer.step()
+        return total
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def vgg16_steps(args, device: torch.device) -> None:
+    height, width = (600, 1000) if device.type == "cuda" else (600, 800)
+    raw = photo(height, width)
+    steps = {
+        "ours": OursStep(raw, device, channels_last=not args.no_channels_last),
+        "torchvision": TorchvisionStep(raw, device),
+    }
+    layout = "contiguous" if args.no_channels_last else "channels_last"
+    print(f"VGG16 training step: device {device}, torch {torch.__version__}, torchvision "
+          f"{torchvision.__version__}, threads {torch.get_num_threads()}, image {height}x{width} (chelsea), "
+          f"{len(BBOX)} boxes, random init, ours {layout}")
+    for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(args.reps):
+        for name, step in steps.items():
+            times[name].append(timed(step, device))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in median.items():
+        print(f"{name:12s} {t:.3f} s/step median of {args.reps} (min {min(times[name]):.3f} "
+              f"max {max(times[name]):.3f}), {1 / t:.2f} img/s")
+    print(f"ratio ours / torchvision: {median['ours'] / median['torchvision']:.3f} (target <= 0.85)")
+    if device.type == "cuda":
+        for name, step in steps.items():
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            print(f"{name:12s} peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
+                  "(torch.cuda.max_memory_allocated, one training step)")
+    if args.profile:
+        from torch.profiler import profile
+
+        with profile() as prof:
+            steps["ours"]()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def toy_time_to_map(args) -> None:
+    """Run the toy job as ``train.py train --data=toy`` does; read its history for the time to mAP 0.9."""
+    from train import train
+
+    with tempfile.TemporaryDirectory() as save_dir:
+        start = time.time()
+        best = train(data="toy", save_dir=save_dir, run_name="bench", device=args.device)
+        total = time.time() - start
+        history = [json.loads(line) for line in (Path(save_dir) / "bench" / "history.jsonl").open()]
+    maps = [h for h in history if h["name"] == "test_map"]
+    reached = next((h for h in maps if h["value"] >= 0.9), None)
+    print(f"toy job ({len(maps)} epochs, threads {torch.get_num_threads()}): best test mAP {best:.4f}, "
+          f"final {maps[-1]['value']:.4f}, total {total:.0f} s (data generation excluded if cached)")
+    for h in maps:
+        print(f"  iteration {h['step']:6d}  {h['time'] - start:7.1f} s  mAP {h['value']:.4f}")
+    if reached is None:
+        print("mAP 0.9 not reached")
+    else:
+        print(f"mAP >= 0.9 first at iteration {reached['step']}, {reached['time'] - start:.0f} s after the "
+              f"start (evaluations included; target: within 600 s on 2 cores)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per model (default 3)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="run our extractor in the default contiguous format")
+    parser.add_argument("--skip-toy", action="store_true", help="only the VGG16 step comparison")
+    parser.add_argument("--toy-only", action="store_true", help="only the toy time to mAP")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if not args.toy_only:
+        vgg16_steps(args, device)
+    if not args.skip_toy:
+        toy_time_to_map(args)
+
+
+if __name__ == "__main__":
+    main()

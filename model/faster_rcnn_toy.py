@@ -1,0 +1,154 @@
+"""A small Faster R-CNN that learns from scratch on a few CPU cores (the ``--data=toy`` backbone).
+
+Shape symbols used below:
+
+    N:      batch size.
+    H, W:   height and width of the preprocessed input image.
+    C:      channels of the extractor's output (``channels[-1]``).
+    hh, ww: feature-map size, ``ceil(H / feat_stride)``, ``ceil(W / feat_stride)``.
+    R:      RoIs given to the head.
+    L:      classes of the head, background included (``n_fg_class + 1``).
+
+Only the extractor and the head's fully connected layers differ from ``FasterRCNNVGG16``: the same
+``FasterRCNN``, ``RegionProposalNetwork``, creators, ``RoIPooling2D``, losses, trainer and evaluation run on
+top of them. The extractor is a stack of stride-2 stages (3x3 convolution, GroupNorm, ReLU, twice) with
+GroupNorm rather than BatchNorm because training runs one image at a time; the head is a two-layer MLP.
+"""
+
+import torch
+from torch import nn
+
+from model.faster_rcnn import FasterRCNN
+from model.region_proposal_network import RegionProposalNetwork
+from model.roi_module import RoIPooling2D
+
+__all__ = ["FasterRCNNToy", "ToyRoIHead", "make_toy_extractor"]
+
+
+def _conv_gn_relu(in_channels: int, out_channels: int, stride: int, groups: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
+        nn.GroupNorm(groups, out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+def make_toy_extractor(channels: tuple[int, ...] = (32, 64, 128), groups: int = 8) -> nn.Sequential:
+    """``(N, 3, H, W)`` -> ``(N, channels[-1], hh, ww)``; each stage halves the size (stride ``2 ** len``).
+
+    Stage ``i``: 3x3 stride-2 convolution to ``channels[i]``, then a 3x3 stride-1 convolution, each followed
+    by GroupNorm (``groups`` groups) and ReLU. Kaiming-normal initialisation (fan-out, ReLU).
+    """
+    layers, in_channels = [], 3
+    for out_channels in channels:
+        layers += _conv_gn_relu(in_channels, out_channels, 2, groups)
+        layers += _conv_gn_relu(out_channels, out_channels, 1, groups)
+        in_channels = out_channels
+    extractor = nn.Sequential(*layers)
+    for m in extractor.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return extractor
+
+
+class ToyRoIHead(nn.Module):
+    """RoI pooling, a two-layer MLP, then per-class offsets and class scores.
+
+    Args:
+        n_class: classes ``L``, background included.
+        roi_size: RoI pooling output height and width.
+        spatial_scale: feature-map cells per input pixel (``1 / feat_stride``).
+        in_channels: channels ``C`` of the feature map.
+        fc_channels: width of the two hidden layers.
+    """
+
+    def __init__(self, n_class: int, roi_size: int, spatial_scale: float, in_channels: int, fc_channels: int):
+        super().__init__()
+        self.n_class = n_class
+        self.roi = RoIPooling2D(roi_size, roi_size, spatial_scale)
+        self.fc = nn.Sequential(
+            nn.Linear(in_channels * roi_size * roi_size, fc_channels),
+            nn.ReLU(inplace=True),
+            nn.Linear(fc_channels, fc_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.cls_loc = nn.Linear(fc_channels, n_class * 4)
+        self.score = nn.Linear(fc_channels, n_class)
+        # as VGG16RoIHead: small offsets and near-uniform class scores at the start
+        nn.init.normal_(self.cls_loc.weight, 0, 0.001)
+        nn.init.zeros_(self.cls_loc.bias)
+        nn.init.normal_(self.score.weight, 0, 0.01)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, x: torch.Tensor, rois, roi_indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Classify RoIs and regress their boxes.
+
+        Args:
+            x: ``(N, C, hh, ww)`` float feature map.
+            rois: ``(R, 4)`` boxes ``(y_min, x_min, y_max, x_max)`` in input-image pixels (numpy or tensor).
+            roi_indices: ``(R,)`` image index of each RoI (numpy or tensor).
+
+        Returns:
+            ``roi_cls_locs`` ``(R, L * 4)`` and ``roi_scores`` ``(R, L)`` float tensors.
+        """
+        rois = torch.as_tensor(rois, dtype=x.dtype, device=x.device)
+        roi_indices = torch.as_tensor(roi_indices, device=x.device).to(x.dtype)
+        # (R, 1) + (R, 4) in (x_min, y_min, x_max, y_max) order -> (R, 5), RoIPooling2D's layout
+        indices_and_rois = torch.cat((roi_indices[:, None], rois[:, [1, 0, 3, 2]]), dim=1)
+        pool = self.roi(x, indices_and_rois)  # (R, C, roi_size, roi_size)
+        fc = self.fc(pool.flatten(1))  # (R, C * roi_size**2) -> (R, fc_channels)
+        return self.cls_loc(fc), self.score(fc)
+
+
+class FasterRCNNToy(FasterRCNN):
+    """Faster R-CNN with the small extractor of :func:`make_toy_extractor` and :class:`ToyRoIHead`.
+
+    Args:
+        n_fg_class: foreground classes.
+        ratios: anchor height/width ratios.
+        anchor_scales: anchor sizes in multiples of the 16-pixel base anchor (``(1, 2, 4)``: 16 to 64 px).
+        channels: output channels of the extractor's stages; the feature stride is ``2 ** len(channels)``.
+        rpn_channels: channels of the RPN's 3x3 convolution.
+        fc_channels: width of the head's hidden layers.
+        roi_size: RoI pooling output size.
+        proposal_creator_params: keyword arguments of the RPN's ``ProposalCreator`` (e.g. fewer proposals
+            than VGG16's 12000/2000 for small images).
+        faster_rcnn_kwargs: ``FasterRCNN`` arguments (``min_size``, ``max_size``, ``normalize``...).
+    """
+
+    def __init__(
+        self,
+        n_fg_class: int = 20,
+        ratios: tuple[float, ...] = (0.5, 1, 2),
+        anchor_scales: tuple[float, ...] = (1, 2, 4),
+        channels: tuple[int, ...] = (32, 64, 128),
+        rpn_channels: int = 128,
+        fc_channels: int = 256,
+        roi_size: int = 7,
+        proposal_creator_params: dict | None = None,
+        **faster_rcnn_kwargs,
+    ):
+        feat_stride = 2 ** len(channels)
+        extractor = make_toy_extractor(tuple(channels))
+        rpn = RegionProposalNetwork(
+            channels[-1],
+            rpn_channels,
+            ratios=tuple(ratios),
+            anchor_scales=tuple(anchor_scales),
+            feat_stride=feat_stride,
+            proposal_creator_params=proposal_creator_params,
+        )
+        head = ToyRoIHead(n_fg_class + 1, roi_size, 1.0 / feat_stride, channels[-1], fc_channels)
+        super().__init__(extractor, rpn, head, **faster_rcnn_kwargs)
+        self.arch = {
+            "name": "toy",
+            "n_fg_class": n_fg_class,
+            "ratios": list(ratios),
+            "anchor_scales": list(anchor_scales),
+            "channels": list(channels),
+            "rpn_channels": rpn_channels,
+            "fc_channels": fc_channels,
+            "roi_size": roi_size,
+            "proposal_creator_params": dict(proposal_creator_params or {}),
+            **self.faster_rcnn_arch(),
+        }

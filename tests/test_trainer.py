@@ -1,0 +1,404 @@
+"""trainer.py and utils/checkpoint.py: losses against hand-worked numbers, training steps on a tiny model,
+the optimizer's parameter groups, meters, and the checkpoint format (round trip, safety, atomic writes)."""
+
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from model import build_faster_rcnn
+from model.faster_rcnn_toy import FasterRCNNToy
+from trainer import (
+    AverageValueMeter,
+    ConfusionMeter,
+    FasterRCNNTrainer,
+    LossTuple,
+    NonFiniteLossError,
+    fast_rcnn_loc_loss,
+    get_optimizer,
+    smooth_l1_loss,
+)
+from utils.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+from utils.config import Config
+
+N_FG_CLASS = 3
+
+
+def tiny_model(n_fg_class: int = N_FG_CLASS, seed: int = 0) -> FasterRCNNToy:
+    """A few-thousand-parameter toy Faster R-CNN: a train step on a 64x80 image takes milliseconds."""
+    torch.manual_seed(seed)
+    return FasterRCNNToy(
+        n_fg_class,
+        anchor_scales=(1, 2),
+        channels=(8, 16),
+        rpn_channels=16,
+        fc_channels=32,
+        roi_size=4,
+        proposal_creator_params={"n_train_pre_nms": 600, "n_train_post_nms": 100, "min_size": 4},
+        min_size=64,
+        max_size=96,
+    )
+
+
+def scene(n_box: int = 2, seed: int = 0, height: int = 64, width: int = 80):
+    """A batch of one preprocessed-looking image with bright rectangles, and their boxes and labels."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(0, 0.1, (1, 3, height, width)).astype(np.float32)
+    bbox = np.array([[8, 10, 40, 36], [20, 44, 56, 76]], dtype=np.float32)[:n_box]
+    label = np.array([0, 2], dtype=np.int32)[:n_box]
+    for (y0, x0, y1, x1), lb in zip(bbox.astype(int), label, strict=True):
+        img[0, lb, y0:y1, x0:x1] += 2.0
+    return torch.from_numpy(img), torch.from_numpy(bbox)[None], torch.from_numpy(label)[None], 1.0
+
+
+def make_trainer(seed: int = 0, **kwargs) -> FasterRCNNTrainer:
+    return FasterRCNNTrainer(tiny_model(seed=seed), seed=seed, **kwargs)
+
+
+# --- losses -------------------------------------------------------------------------------------------------
+def test_smooth_l1_loss_matches_hand_computed_values():
+    # sigma 1: |d| < 1 is quadratic 0.5 d^2, else |d| - 0.5.
+    x = torch.tensor([0.5, -2.0, 1.0, 0.0])
+    t = torch.zeros(4)
+    w = torch.ones(4)
+    assert smooth_l1_loss(x, t, w, 1.0).item() == pytest.approx(0.125 + 1.5 + 0.5 + 0.0)
+    # sigma 3: the quadratic zone is |d| < 1/9: 0.5*9*0.1^2 = 0.045; 0.5 - 0.5/9.
+    x = torch.tensor([0.1, 0.5])
+    expected = 0.045 + 0.5 - 0.5 / 9
+    assert smooth_l1_loss(x, torch.zeros(2), torch.ones(2), 3.0).item() == pytest.approx(expected)
+    # a zero weight removes the element; the weight multiplies the difference, not the loss
+    x = torch.tensor([3.0, 0.4])
+    w = torch.tensor([0.0, 3.0])
+    assert smooth_l1_loss(x, torch.zeros(2), w, 1.0).item() == pytest.approx(1.2 - 0.5)
+
+
+def test_fast_rcnn_loc_loss_positives_only_divided_by_non_ignored_count():
+    pred = torch.tensor([[0.5, 0, 0, 0], [9.0, 9, 9, 9], [7.0, 7, 7, 7], [0, 0, 0, 2.0]])
+    gt = torch.zeros(4, 4)
+    label = torch.tensor([1, 0, -1, 2])  # positive, negative, ignored, positive
+    # rows 0 and 3 count: 0.125 (sigma 1) + 1.5; divided by the 3 non-ignored rows
+    assert fast_rcnn_loc_loss(pred, gt, label, 1.0).item() == pytest.approx((0.125 + 1.5) / 3)
+    # float64 against a per-element loop with sigma 3
+    rng = np.random.default_rng(1)
+    pred, gt = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    label = rng.integers(-1, 3, 50)
+    expected = 0.0
+    for i in range(50):
+        if label[i] > 0:
+            for d in pred[i] - gt[i]:
+                expected += 4.5 * d * d if abs(d) < 1 / 9 else abs(d) - 0.5 / 9
+    expected /= (label >= 0).sum()
+    got = fast_rcnn_loc_loss(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(label), 3.0)
+    assert got.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_fast_rcnn_loc_loss_is_zero_without_samples_and_gradient_flows_to_positives_only():
+    pred = torch.ones(3, 4, requires_grad=True)
+    assert fast_rcnn_loc_loss(pred, torch.zeros(3, 4), torch.tensor([-1, -1, -1]), 1.0).item() == 0.0
+    loss = fast_rcnn_loc_loss(pred, torch.zeros(3, 4), torch.tensor([1, 0, -1]), 1.0)
+    loss.backward()
+    assert pred.grad[0].abs().sum() > 0
+    assert pred.grad[1:].abs().sum() == 0
+
+
+# --- optimizer ----------------------------------------------------------------------------------------------
+def test_optimizer_groups_biases_get_twice_the_lr_and_no_weight_decay():
+    model = tiny_model()
+    frozen = model.extractor[0].weight
+    frozen.requires_grad_(False)
+    opt = get_optimizer(model, lr=0.01, weight_decay=1e-4)
+    assert isinstance(opt, torch.optim.SGD)
+    weights, biases = opt.param_groups
+    assert (weights["lr"], weights["weight_decay"], weights["momentum"]) == (0.01, 1e-4, 0.9)
+    assert (biases["lr"], biases["weight_decay"]) == (0.02, 0.0)
+    named = dict(model.named_parameters())
+    bias_ids = {id(p) for n, p in named.items() if "bias" in n}
+    assert {id(p) for p in biases["params"]} == bias_ids
+    trainable_weights = {id(p) for n, p in named.items() if "bias" not in n and p.requires_grad}
+    assert {id(p) for p in weights["params"]} == trainable_weights
+    assert id(frozen) not in trainable_weights | bias_ids
+    assert isinstance(get_optimizer(model, use_adam=True), torch.optim.Adam)
+
+
+def test_scale_lr_scales_every_group():
+    trainer = make_trainer(lr=0.01)
+    trainer.scale_lr(0.1)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([0.001, 0.002])
+    assert trainer.lr == pytest.approx(0.001)
+
+
+# --- meters -------------------------------------------------------------------------------------------------
+def test_meters():
+    meter = AverageValueMeter()
+    assert math.isnan(meter.value())
+    for v in (1.0, 2.0, 6.0):
+        meter.add(v)
+    assert meter.value() == pytest.approx(3.0)
+    meter.reset()
+    assert math.isnan(meter.value())
+
+    rng = np.random.default_rng(0)
+    scores, target = rng.normal(size=(40, 5)), rng.integers(0, 5, 40)
+    cm = ConfusionMeter(5)
+    cm.add(torch.from_numpy(scores), torch.from_numpy(target))
+    expected = np.zeros((5, 5), dtype=np.int64)
+    for s, t in zip(scores, target, strict=True):
+        expected[t, s.argmax()] += 1
+    np.testing.assert_array_equal(cm.value(), expected)
+    with pytest.raises(ValueError, match="5 classes"):
+        cm.add(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+
+
+# --- training steps -----------------------------------------------------------------------------------------
+def test_train_step_gives_four_finite_losses_and_updates_weights_and_meters():
+    trainer = make_trainer()
+    before = [p.detach().clone() for p in trainer.faster_rcnn.parameters()]
+    losses = trainer.train_step(*scene())
+    assert isinstance(losses, LossTuple)
+    values = [v.item() for v in losses]
+    assert all(math.isfinite(v) for v in values)
+    assert all(v >= 0 for v in values)
+    assert values[4] == pytest.approx(sum(values[:4]), rel=1e-6)
+    assert values[1] > 0 and values[3] > 0  # untrained classifiers are not certain
+    changed = [not torch.equal(b, p) for b, p in zip(before, trainer.faster_rcnn.parameters(), strict=True)]
+    assert all(changed)
+    meters = trainer.get_meter_data()
+    assert meters == pytest.approx(dict(zip(LossTuple._fields, values, strict=True)), rel=1e-6)
+    assert 0 < trainer.rpn_cm.value().sum() <= 256
+    assert trainer.roi_cm.value().shape == (N_FG_CLASS + 1, N_FG_CLASS + 1)
+    assert 0 < trainer.roi_cm.value().sum() <= 128
+    assert trainer.roi_cm.value()[1:].sum() > 0  # the ground truth boxes are among the head's samples
+    trainer.reset_meters()
+    assert trainer.rpn_cm.value().sum() == 0 and math.isnan(trainer.get_meter_data()["total_loss"])
+
+
+def test_a_few_steps_on_one_image_lower_the_loss():
+    trainer = make_trainer(lr=0.01)
+    batch = scene()
+    first = [trainer.train_step(*batch).total_loss.item() for _ in range(3)]
+    for _ in range(30):
+        trainer.train_step(*batch)
+    last = [trainer.train_step(*batch).total_loss.item() for _ in range(3)]
+    assert np.mean(last) < 0.5 * np.mean(first)
+
+
+def test_background_only_image_trains_as_all_negative():
+    trainer = make_trainer()
+    img, _, _, scale = scene()
+    losses = trainer.train_step(img, torch.zeros(1, 0, 4), torch.zeros(1, 0, dtype=torch.int32), scale)
+    assert all(math.isfinite(v.item()) for v in losses)
+    assert losses.rpn_loc_loss.item() == 0 and losses.roi_loc_loss.item() == 0
+    assert losses.rpn_cls_loss.item() > 0 and losses.roi_cls_loss.item() > 0
+    rpn_cm, roi_cm = trainer.rpn_cm.value(), trainer.roi_cm.value()
+    assert rpn_cm[1].sum() == 0 and rpn_cm[0].sum() > 0  # every sampled anchor is background
+    assert roi_cm[1:].sum() == 0 and roi_cm[0].sum() > 0  # every sampled RoI is background
+    # numpy inputs work too
+    losses = trainer.forward(img.numpy(), np.zeros((1, 0, 4), np.float32), np.zeros((1, 0), np.int32), 1.0)
+    assert math.isfinite(losses.total_loss.item())
+
+
+def test_only_batch_size_one():
+    trainer = make_trainer()
+    img, bbox, label, scale = scene()
+    with pytest.raises(ValueError, match="batch size 1"):
+        trainer.forward(img.repeat(2, 1, 1, 1), bbox.repeat(2, 1, 1), label.repeat(2, 1), scale)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    trainer = make_trainer()
+    trainer.train_step(*scene())
+    params = [p.detach().clone() for p in trainer.faster_rcnn.parameters()]
+    state = trainer.optimizer.state_dict()["state"]
+    optim_state = {k: v["momentum_buffer"].clone() for k, v in state.items()}
+    img, bbox, label, scale = scene()
+    img[0, :, :4, :4] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss"):
+        trainer.train_step(img, bbox, label, scale)
+    for before, p in zip(params, trainer.faster_rcnn.parameters(), strict=True):
+        assert torch.equal(before, p)
+    for k, v in trainer.optimizer.state_dict()["state"].items():
+        assert torch.equal(optim_state[k], v["momentum_buffer"])
+
+
+def test_creator_sampling_is_reproducible_from_the_trainer_seed():
+    a, b, c = make_trainer(seed=3), make_trainer(seed=3), FasterRCNNTrainer(tiny_model(seed=3), seed=4)
+    la = [v.item() for v in a.train_step(*scene())]
+    lb = [v.item() for v in b.train_step(*scene())]
+    lc = [v.item() for v in c.train_step(*scene())]
+    assert la == lb
+    assert la != lc
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_train_step_on_cuda_follows_the_model():
+    trainer = FasterRCNNTrainer(tiny_model().cuda(), seed=0)
+    losses = trainer.train_step(*scene())
+    assert losses.total_loss.device.type == "cuda"
+    assert math.isfinite(losses.total_loss.item())
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+def _walk(value):
+    """Every leaf of a checkpoint dict."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k
+            yield from _walk(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _walk(v)
+    else:
+        yield value
+
+
+def test_checkpoint_round_trip_resumes_model_optimizer_epoch_and_best_map(tmp_path):
+    cfg = Config.parse({"lr": 0.005, "seed": 3})
+    trainer = FasterRCNNTrainer.from_config(tiny_model(), cfg, class_names=("a", "b", "c"))
+    for _ in range(2):
+        trainer.train_step(*scene())
+    trainer.scale_lr(0.5)
+    path = trainer.save(tmp_path / "run" / "last.pth", epoch=3, best_map=np.float64(0.5), iteration=7)
+    assert os.listdir(tmp_path / "run") == ["last.pth"]  # no temp file left
+
+    raw = torch.load(path, weights_only=True)  # plain containers and tensors only
+    assert raw["format"] == CHECKPOINT_FORMAT
+    assert all(isinstance(x, (str, int, float, bool, type(None), torch.Tensor)) for x in _walk(raw))
+    assert raw["other_info"] == {"epoch": 3, "best_map": 0.5, "iteration": 7, "lr": pytest.approx(0.0025)}
+    assert raw["class_names"] == ["a", "b", "c"]
+    assert raw["arch"]["name"] == "toy" and raw["arch"]["n_fg_class"] == N_FG_CLASS
+    assert Config.from_dict(raw["config"]) == cfg
+
+    resumed = FasterRCNNTrainer.from_config(tiny_model(seed=1), cfg)  # other initial weights
+    ckpt = resumed.load(path)
+    assert ckpt["other_info"]["epoch"] == 3 and ckpt["other_info"]["best_map"] == 0.5
+    assert resumed.class_names == ["a", "b", "c"]
+    assert resumed.lr == pytest.approx(0.0025)
+    for p, q in zip(trainer.faster_rcnn.state_dict().values(), resumed.faster_rcnn.state_dict().values(),
+                    strict=True):
+        assert torch.equal(p, q)
+    # with the same sampling, the next step is the same: the momentum buffers came back too
+    trainer.rng, resumed.rng = np.random.default_rng(9), np.random.default_rng(9)
+    trainer.train_step(*scene(seed=1))
+    resumed.train_step(*scene(seed=1))
+    for p, q in zip(trainer.faster_rcnn.parameters(), resumed.faster_rcnn.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+    # weights only: the optimizer keeps its fresh state
+    fresh = FasterRCNNTrainer.from_config(tiny_model(seed=1), cfg)
+    fresh.load(path, load_optimizer=False)
+    assert fresh.optimizer.state_dict()["state"] == {}
+    assert fresh.lr == pytest.approx(0.005)
+
+
+def test_model_from_checkpoint_rebuilds_the_same_detector(tmp_path):
+    trainer = make_trainer()
+    trainer.train_step(*scene())
+    path = trainer.save(tmp_path / "best.pth", save_optimizer=False)
+    ckpt = load_checkpoint(path)
+    assert "optimizer" not in ckpt
+    model = model_from_checkpoint(ckpt, path)
+    assert (model.min_size, model.max_size) == (64, 96)
+    img = scene()[0][0].numpy()
+    model.score_thresh = trainer.faster_rcnn.score_thresh = 0.0
+    expected = trainer.faster_rcnn.predict([img], [(64, 80)])
+    got = model.predict([img], [(64, 80)])
+    for e, g in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(e[0], g[0])
+
+
+def test_checkpoint_for_another_class_count_or_backbone_is_a_clear_error(tmp_path):
+    path = str(make_trainer().save(tmp_path / "toy3.pth"))
+    other = FasterRCNNTrainer(tiny_model(n_fg_class=5))
+    with pytest.raises(CheckpointError) as e:
+        other.load(path)
+    assert f"checkpoint {path!r} was trained for 3 classes with backbone 'toy'" in str(e.value)
+    assert "this model has 5 classes, backbone 'toy'" in str(e.value)
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["arch"] = {"name": "vgg16", "n_fg_class": 20, "ratios": [0.5, 1, 2], "anchor_scales": [8, 16, 32]}
+    torch.save(ckpt, tmp_path / "vgg.pth")
+    with pytest.raises(CheckpointError, match="20 classes with backbone 'vgg16'; this model has 3 classes, "
+                                              "backbone 'toy'"):
+        make_trainer().load(tmp_path / "vgg.pth")
+
+
+class _Payload:
+    """Unpickling this object would create a file: the refused checkpoint must never do that."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = str(make_trainer().save(tmp_path / "evil.pth"))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["other_info"]["extra"] = _Payload(str(marker))
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        make_trainer().load(path)
+    assert not marker.exists()
+
+
+def test_unreadable_or_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="garbage.pth"):
+        load_checkpoint(tmp_path / "garbage.pth")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "state.pth")
+    with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
+        load_checkpoint(tmp_path / "state.pth")
+    with pytest.raises(TypeError, match="cannot store a object"):
+        make_trainer().save(tmp_path / "bad.pth", note=object())
+    assert not os.path.exists(tmp_path / "bad.pth")
+
+
+def test_failed_write_leaves_the_existing_checkpoint_intact_and_no_temp_file(tmp_path, monkeypatch):
+    trainer = make_trainer()
+    path = tmp_path / "last.pth"
+    trainer.save(path, epoch=1)
+    before = path.read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    trainer.train_step(*scene())
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save(path, epoch=2)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["last.pth"]
+    monkeypatch.undo()
+    assert load_checkpoint(path)["other_info"]["epoch"] == 1
+
+
+def test_atomic_save_replaces_and_creates_folders(tmp_path):
+    path = tmp_path / "a" / "b" / "x.pth"
+    atomic_save({"v": 1}, path)
+    atomic_save({"v": 2}, path)
+    assert torch.load(path, weights_only=True) == {"v": 2}
+    assert os.listdir(path.parent) == ["x.pth"]
+
+
+def test_build_faster_rcnn_knows_the_toy_backbone():
+    model = tiny_model()
+    rebuilt = build_faster_rcnn(model.arch)
+    assert type(rebuilt) is FasterRCNNToy
+    assert rebuilt.arch == model.arch
+    assert [k for k in rebuilt.state_dict()] == [k for k in model.state_dict()]
+    assert pickle.loads(pickle.dumps(model.arch)) == model.arch
