@@ -118,7 +118,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a checkpoint safely (``weights_only=True``) and check its layout.
 
     Args:
-        path: a file written by :meth:`trainer.FasterRCNNTrainer.save`.
+        path: a file written by :meth:`trainer.FasterRCNNTrainer.save`, or one of the original
+            simple-faster-rcnn-pytorch's checkpoints (its dict, numpy scalars included, or a bare state dict),
+            converted to this format by :mod:`utils.original_checkpoint`.
         map_location: where tensors land (``torch.load``'s argument); the CPU by default.
 
     Returns:
@@ -130,11 +132,18 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         CheckpointError: the file is not a readable checkpoint of this project, or holds Python objects
             other than tensors and plain containers (refused; nothing in it was executed).
     """
+    from utils.original_checkpoint import (
+        convert_original_checkpoint,
+        is_original_checkpoint,
+        torch_load_allowing_numpy,
+    )
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # weights_only=True, plus the numpy scalars/arrays that the original's files hold
+        ckpt = torch_load_allowing_numpy(path, map_location=map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"checkpoint {path!r} was refused: it holds Python objects other than tensors and plain "
@@ -146,6 +155,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         ) from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, expected a dict")
+    if is_original_checkpoint(ckpt):
+        ckpt = convert_original_checkpoint(ckpt, path)
     missing = [k for k in _REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(
