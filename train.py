@@ -165,9 +165,13 @@ def _end_of_epoch(trainer, cfg: Config, paths: dict, epoch: int, eval_map: float
         trainer.save(paths["best"], epoch=epoch + 1, best_map=eval_map, iteration=state["iteration"],
                      vis_info=vis.state_dict())
     if epoch == cfg.lr_decay_epoch:
-        trainer.load(paths["best"])
+        if os.path.exists(paths["best"]):
+            trainer.load(paths["best"])
+            vis.log(f"epoch {epoch}: reloaded {paths['best']}")
+        else:  # resumed into a new run folder, best mAP from the old run not beaten yet: keep going as is
+            vis.log(f"epoch {epoch}: no {paths['best']} to reload; the lr decays on the current weights")
         trainer.scale_lr(cfg.lr_decay)
-        vis.log(f"epoch {epoch}: reloaded {paths['best']}, lr decayed to {trainer.lr:.3g}")
+        vis.log(f"epoch {epoch}: lr decayed to {trainer.lr:.3g}")
     trainer.save(paths["last"], epoch=epoch + 1, best_map=state["best_map"], iteration=state["iteration"],
                  vis_info=vis.state_dict())
     vis.save()

@@ -52,22 +52,31 @@ def make_toy_extractor(channels: tuple[int, ...] = (32, 64, 128), groups: int = 
 
 
 class ToyRoIHead(nn.Module):
-    """RoI pooling, a two-layer MLP, then per-class offsets and class scores.
+    """A 1x1 convolution that thins the features, RoI pooling, a two-layer MLP, then per-class offsets and
+    class scores.
+
+    Thinning the ``C`` channels to ``head_channels`` before pooling divides the cost of RoI pooling and of the
+    first fully connected layer (the bulk of a toy training step) by ``C / head_channels``.
 
     Args:
         n_class: classes ``L``, background included.
         roi_size: RoI pooling output height and width.
         spatial_scale: feature-map cells per input pixel (``1 / feat_stride``).
         in_channels: channels ``C`` of the feature map.
+        head_channels: channels after the 1x1 convolution (``C'``).
         fc_channels: width of the two hidden layers.
     """
 
-    def __init__(self, n_class: int, roi_size: int, spatial_scale: float, in_channels: int, fc_channels: int):
+    def __init__(
+        self, n_class: int, roi_size: int, spatial_scale: float, in_channels: int, head_channels: int,
+        fc_channels: int,
+    ):
         super().__init__()
         self.n_class = n_class
+        self.reduce = nn.Sequential(nn.Conv2d(in_channels, head_channels, 1), nn.ReLU(inplace=True))
         self.roi = RoIPooling2D(roi_size, roi_size, spatial_scale)
         self.fc = nn.Sequential(
-            nn.Linear(in_channels * roi_size * roi_size, fc_channels),
+            nn.Linear(head_channels * roi_size * roi_size, fc_channels),
             nn.ReLU(inplace=True),
             nn.Linear(fc_channels, fc_channels),
             nn.ReLU(inplace=True),
@@ -95,8 +104,8 @@ class ToyRoIHead(nn.Module):
         roi_indices = torch.as_tensor(roi_indices, device=x.device).to(x.dtype)
         # (R, 1) + (R, 4) in (x_min, y_min, x_max, y_max) order -> (R, 5), RoIPooling2D's layout
         indices_and_rois = torch.cat((roi_indices[:, None], rois[:, [1, 0, 3, 2]]), dim=1)
-        pool = self.roi(x, indices_and_rois)  # (R, C, roi_size, roi_size)
-        fc = self.fc(pool.flatten(1))  # (R, C * roi_size**2) -> (R, fc_channels)
+        pool = self.roi(self.reduce(x), indices_and_rois)  # (N, C', hh, ww) -> (R, C', roi_size, roi_size)
+        fc = self.fc(pool.flatten(1))  # (R, C' * roi_size**2) -> (R, fc_channels)
         return self.cls_loc(fc), self.score(fc)
 
 
@@ -109,6 +118,7 @@ class FasterRCNNToy(FasterRCNN):
         anchor_scales: anchor sizes in multiples of the 16-pixel base anchor (``(1, 2, 4)``: 16 to 64 px).
         channels: output channels of the extractor's stages; the feature stride is ``2 ** len(channels)``.
         rpn_channels: channels of the RPN's 3x3 convolution.
+        head_channels: channels the head's 1x1 convolution thins the features to before RoI pooling.
         fc_channels: width of the head's hidden layers.
         roi_size: RoI pooling output size.
         proposal_creator_params: keyword arguments of the RPN's ``ProposalCreator`` (e.g. fewer proposals
@@ -123,6 +133,7 @@ class FasterRCNNToy(FasterRCNN):
         anchor_scales: tuple[float, ...] = (1, 2, 4),
         channels: tuple[int, ...] = (32, 64, 128),
         rpn_channels: int = 128,
+        head_channels: int = 32,
         fc_channels: int = 256,
         roi_size: int = 7,
         proposal_creator_params: dict | None = None,
@@ -138,7 +149,9 @@ class FasterRCNNToy(FasterRCNN):
             feat_stride=feat_stride,
             proposal_creator_params=proposal_creator_params,
         )
-        head = ToyRoIHead(n_fg_class + 1, roi_size, 1.0 / feat_stride, channels[-1], fc_channels)
+        head = ToyRoIHead(
+            n_fg_class + 1, roi_size, 1.0 / feat_stride, channels[-1], head_channels, fc_channels
+        )
         super().__init__(extractor, rpn, head, **faster_rcnn_kwargs)
         self.arch = {
             "name": "toy",
@@ -147,6 +160,7 @@ class FasterRCNNToy(FasterRCNN):
             "anchor_scales": list(anchor_scales),
             "channels": list(channels),
             "rpn_channels": rpn_channels,
+            "head_channels": head_channels,
             "fc_channels": fc_channels,
             "roi_size": roi_size,
             "proposal_creator_params": dict(proposal_creator_params or {}),

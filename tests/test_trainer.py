@@ -41,6 +41,7 @@ def tiny_model(n_fg_class: int = N_FG_CLASS, seed: int = 0) -> FasterRCNNToy:
         anchor_scales=(1, 2),
         channels=(8, 16),
         rpn_channels=16,
+        head_channels=8,
         fc_channels=32,
         roi_size=4,
         proposal_creator_params={"n_train_pre_nms": 600, "n_train_post_nms": 100, "min_size": 4},
