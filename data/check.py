@@ -110,7 +110,7 @@ class DataReport:
     def summary(self) -> str:
         """One line: counts of checked, bad and empty samples."""
         return (f"{self.split} ({self.data_dir}): {self.n_checked} samples checked in {self.seconds:.1f} s, "
-                f"{len(self.bad_indices)} bad, {len(self.empty)} without objects")
+                f"{len(self.bad_indices)} bad, {len(self.empty)} without objects (background only)")
 
     def format(self) -> str:
         """The summary, then one indented line per problem: ``path: reason``."""

@@ -156,7 +156,27 @@ def _voc_source(opt) -> tuple[str, tuple[str, ...]]:
     return data_dir, tuple(label_names) if label_names else default_names
 
 
-class Dataset:
+class _VOCSplit:
+    """What both data sets share: the VOC split they read (``db``), its ids, and dropping samples."""
+
+    db: VOCBboxDataset
+
+    @property
+    def ids(self) -> list[str]:
+        """The image id of each item: ``ids[i]`` is item ``i``'s."""
+        return self.db.ids
+
+    def drop(self, indices) -> None:
+        """Stop serving the items at ``indices`` (e.g. the bad samples found by :mod:`data.check`); the
+        others keep their order and are renumbered ``0 .. len - 1``."""
+        dropped = set(indices)
+        self.db.ids = [image_id for i, image_id in enumerate(self.db.ids) if i not in dropped]
+
+    def __len__(self) -> int:
+        return len(self.db)
+
+
+class Dataset(_VOCSplit):
     """Training data: ``trainval`` split without difficult objects, resized and randomly flipped.
 
     Item ``i`` is ``(img, bbox, label, scale)``: ``img`` ``(3, H', W')`` float32 normalised (see
@@ -196,16 +216,13 @@ class Dataset:
             self._worker_rng = np.random.default_rng(entropy)
         return self._worker_rng
 
-    def __len__(self) -> int:
-        return len(self.db)
-
     def __getitem__(self, idx: int):
         ori_img, bbox, label, _ = self.db.get_example(idx)
         img, bbox, label, scale = self.tsf((ori_img, bbox, label), rng=self._flip_rng())
         return np.ascontiguousarray(img), np.ascontiguousarray(bbox), label.copy(), scale
 
 
-class TestDataset:
+class TestDataset(_VOCSplit):
     """Evaluation data: a split with difficult objects kept and flagged, boxes in original pixels.
 
     Item ``i`` is ``(img, size, bbox, label, difficult)``: ``img`` ``(3, H', W')`` float32 preprocessed,
@@ -228,9 +245,6 @@ class TestDataset:
         self.min_size = opt.min_size
         self.max_size = opt.max_size
         self.normalize = _normalize_of(opt)
-
-    def __len__(self) -> int:
-        return len(self.db)
 
     def __getitem__(self, idx: int):
         ori_img, bbox, label, difficult = self.db.get_example(idx)

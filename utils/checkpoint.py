@@ -18,13 +18,17 @@ in the file ever runs:
 
 Unlike the original (``torch.save`` straight onto the final path, numpy scalars inside), a file is written to
 a temporary name in the same folder, flushed to disk and renamed over the destination, so a crash or a kill
-at any moment leaves either the old checkpoint or the new one, never a half-written file.
+at any moment leaves either the old checkpoint or the new one, never a half-written file. A kill can leave the
+temporary file (``.<name>.<pid>.<random>.tmp``, which no reader looks at); :func:`remove_stale_temp_files`
+deletes those of processes that are gone.
 """
 
 import dataclasses
 import os
 import pickle
+import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -38,11 +42,16 @@ __all__ = [
     "checkpoint_config",
     "load_checkpoint",
     "model_from_checkpoint",
+    "remove_stale_temp_files",
     "to_plain",
 ]
 
 CHECKPOINT_FORMAT = "simple-faster-rcnn-pytorch/1"
 _REQUIRED_KEYS = ("model", "arch")
+# Test-only: seconds atomic_save waits with the complete temp file before renaming it, so that a test can
+# kill the process inside the write window (tests/test_robustness.py). Unset in normal use.
+SAVE_PAUSE_ENV = "SIMPLE_FASTER_RCNN_TEST_SAVE_PAUSE"
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
 
 
 class CheckpointError(ValueError):
@@ -76,8 +85,9 @@ def to_plain(value):
 def atomic_save(obj, path: str | os.PathLike) -> str:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
 
-    If anything fails (serialisation, a full disk, a kill), the temporary file is removed where possible and
-    an existing file at ``path`` is left untouched. The folder is created when missing.
+    If anything fails (serialisation, a full disk, an exception), the temporary file is removed and an
+    existing file at ``path`` is left untouched; after a kill, only the temporary file may remain (see
+    :func:`remove_stale_temp_files`). The folder is created when missing.
 
     Returns:
         ``path`` as a string.
@@ -85,12 +95,15 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.",
+                                    suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(SAVE_PAUSE_ENV):
+            time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
@@ -98,6 +111,41 @@ def atomic_save(obj, path: str | os.PathLike) -> str:
         raise
     _fsync_folder(folder)
     return path
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
+    """Delete the temp files that killed :func:`atomic_save` calls left in ``folder``.
+
+    Only files named as :func:`atomic_save` names them, by a process that no longer runs on this machine,
+    are removed (a save in progress in another process is left alone). A missing folder is fine.
+
+    Returns:
+        The paths removed.
+    """
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        match = _TEMP_NAME.fullmatch(name)
+        if match and not _process_exists(int(match["pid"])):
+            path = os.path.join(folder, name)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _fsync_folder(folder: str) -> None:
