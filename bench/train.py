@@ -36,6 +36,7 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.inference import build_ours, build_torchvision, photo  # noqa: E402
+from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
 
@@ -86,16 +87,6 @@ class TorchvisionStep:
         total.backward()
         self.optimizer.step()
         return total
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def vgg16_steps(args, device: torch.device) -> None:

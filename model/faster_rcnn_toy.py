@@ -12,7 +12,8 @@ Shape symbols used below:
 Only the extractor and the head's fully connected layers differ from ``FasterRCNNVGG16``: the same
 ``FasterRCNN``, ``RegionProposalNetwork``, creators, ``RoIPooling2D``, losses, trainer and evaluation run on
 top of them. The extractor is a stack of stride-2 stages (3x3 convolution, GroupNorm, ReLU, twice) with
-GroupNorm rather than BatchNorm because training runs one image at a time; the head is a two-layer MLP.
+GroupNorm rather than BatchNorm because training runs one image at a time; the head thins the features with
+a 1x1 convolution, pools each RoI and classifies it with a two-layer MLP.
 """
 
 import torch
@@ -115,7 +116,8 @@ class FasterRCNNToy(FasterRCNN):
     Args:
         n_fg_class: foreground classes.
         ratios: anchor height/width ratios.
-        anchor_scales: anchor sizes in multiples of the 16-pixel base anchor (``(1, 2, 4)``: 16 to 64 px).
+        anchor_scales: anchor sizes in multiples of the 16-pixel base anchor (28, 56 and 112 px by default,
+            for the toy data set's shapes at 224-pixel inputs).
         channels: output channels of the extractor's stages; the feature stride is ``2 ** len(channels)``.
         rpn_channels: channels of the RPN's 3x3 convolution.
         head_channels: channels the head's 1x1 convolution thins the features to before RoI pooling.
@@ -130,7 +132,7 @@ class FasterRCNNToy(FasterRCNN):
         self,
         n_fg_class: int = 20,
         ratios: tuple[float, ...] = (0.5, 1, 2),
-        anchor_scales: tuple[float, ...] = (1, 2, 4),
+        anchor_scales: tuple[float, ...] = (1.75, 3.5, 7),
         channels: tuple[int, ...] = (32, 64, 128),
         rpn_channels: int = 128,
         head_channels: int = 32,

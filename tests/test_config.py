@@ -173,7 +173,8 @@ def test_to_dict_is_plain_and_round_trips():
     c = Config.parse({"data": "toy", "label_names": "a,b", "seed": 3, "load_path": "x.pth"})
     d = c.to_dict()
     assert json.loads(json.dumps(d)) == d  # only JSON-able plain values: lists, not tuples
-    assert d["anchor_scales"] == [2.0, 4.0, 8.0] and d["label_names"] == ["a", "b"]
+    assert d["anchor_scales"] == [float(s) for s in TOY_PRESET["anchor_scales"]]
+    assert d["label_names"] == ["a", "b"]
     assert set(d) == {f.name for f in dataclasses.fields(Config)}
     assert Config.from_dict(d) == c
 
@@ -218,8 +219,8 @@ def test_help_text_lists_every_option_with_its_default_and_doc():
         (line,) = [ln for ln in lines if ln.split()[:1] == [flag]]
         assert f.metadata["doc"] and f.metadata["doc"] in line
     line = {ln.split()[0]: ln for ln in lines if ln.strip().startswith("--")}
-    assert "(default: 0.001; toy: 0.01)" in line["--lr"]
-    assert "(default: 14; toy: 10)" in line["--epoch"]
+    assert f"(default: 0.001; toy: {TOY_PRESET['lr']})" in line["--lr"]
+    assert f"(default: 14; toy: {TOY_PRESET['epoch']})" in line["--epoch"]
     assert "(default: 0.5,1.0,2.0)" in line["--ratios"]
     assert "(default: None)" in line["--load-path"] and "str|None" in line["--load-path"]
     assert "(default: False)" in line["--use-adam"] and "bool" in line["--use-adam"]
@@ -230,6 +231,12 @@ def test_help_text_lists_every_option_with_its_default_and_doc():
 def test_markdown_table_has_a_row_per_option():
     rows = Config.markdown_table().splitlines()[2:]
     assert [r.split("|")[1].strip().strip("`") for r in rows] == FLAGS
+
+
+@pytest.mark.skipif(bool(os.environ.get("XDG_CACHE_HOME")), reason="the table shows the default cache folder")
+def test_readme_option_table_is_the_config_table():
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
+    assert Config.markdown_table() in readme, "README.md's option table is stale: paste Config.markdown_table()"
 
 
 def test_torch_device():

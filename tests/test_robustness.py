@@ -307,14 +307,6 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SignalAtStep:
     """Monkeypatches ``FasterRCNNTrainer.train_step`` to send ``signum`` to this process after step ``at``."""
 

@@ -25,20 +25,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The learning test: this many training iterations of the toy preset (one thread), then VOC07 mAP on the first
 # LEARN_TEST_NUM test images must reach LEARN_MIN_MAP. Seeded, so the run is the same every time: it reaches
-# 0.374 on the x86_64 CPU this was written on (an untrained model scores about 0.01); the threshold leaves
+# 0.427 on the x86_64 CPU this was written on (an untrained model scores about 0.01); the threshold leaves
 # room for other CPUs' float rounding.
 LEARN_ITERATIONS = 1000
 LEARN_TEST_NUM = 60
 LEARN_MIN_MAP = 0.25
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: the same float reductions on any machine, and no spinning threads on a busy one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +46,11 @@ def test_seeded_toy_training_reaches_the_map_threshold(toy_root, one_thread):
     trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names)
     loader = DataLoader(dataset, batch_size=1, shuffle=True, generator=torch.Generator().manual_seed(0))
     batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), LEARN_ITERATIONS)
-    first = []
-    for i, (img, bbox, label, scale) in enumerate(batches):
-        losses = trainer.train_step(img, bbox, label, scale)
-        if i < 20:
-            first.append(losses.total_loss.item())
-    assert trainer.get_meter_data()["total_loss"] < 0.7 * sum(first) / len(first)
+    totals = [trainer.train_step(img, bbox, label, scale).total_loss.item()
+              for img, bbox, label, scale in batches]
+    first, last = sum(totals[:20]) / 20, sum(totals[-100:]) / 100
+    print(f"mean total loss: first 20 iterations {first:.3f}, last 100 {last:.3f}")
+    assert last < 0.7 * first
     test_loader = DataLoader(TestDataset(cfg), batch_size=1)
     result = evaluate(test_loader, model, test_num=LEARN_TEST_NUM, progress=False)
     print(f"mAP after {LEARN_ITERATIONS} iterations: {result['map']:.4f}, AP {result['ap']}")
