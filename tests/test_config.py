@@ -235,8 +235,10 @@ def test_markdown_table_has_a_row_per_option():
 
 @pytest.mark.skipif(bool(os.environ.get("XDG_CACHE_HOME")), reason="the table shows the default cache folder")
 def test_readme_option_table_is_the_config_table():
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md"), encoding="utf-8").read()
-    assert Config.markdown_table() in readme, "README.md's option table is stale: paste Config.markdown_table()"
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(path, encoding="utf-8") as f:
+        readme = f.read()
+    assert Config.markdown_table() in readme, "README.md's table is stale: paste Config.markdown_table()"
 
 
 def test_torch_device():

@@ -1,6 +1,7 @@
 """trainer.py and utils/checkpoint.py: losses against hand-worked numbers, training steps on a tiny model,
 the optimizer's parameter groups, meters, and the checkpoint format (round trip, safety, atomic writes)."""
 
+import copy
 import math
 import os
 import pickle
@@ -128,6 +129,35 @@ def test_optimizer_groups_biases_get_twice_the_lr_and_no_weight_decay():
     assert {id(p) for p in weights["params"]} == trainable_weights
     assert id(frozen) not in trainable_weights | bias_ids
     assert isinstance(get_optimizer(model, use_adam=True), torch.optim.Adam)
+
+
+@pytest.mark.parametrize("use_adam", [False, True])
+def test_fused_optimizer_makes_the_reference_update(use_adam):
+    """get_optimizer's fused SGD / Adam gives the update of torch's reference (for-loop) implementation."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    reference_model = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = get_optimizer(model, lr=0.01, weight_decay=1e-3, use_adam=use_adam)
+    assert all(g["fused"] for g in opt.param_groups)
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "fused": None, "foreach": False,
+               "params": [dict(reference_model.named_parameters())[n] for n in _names(model, g["params"])]}
+              for g in opt.param_groups]
+    reference = (torch.optim.Adam if use_adam else torch.optim.SGD)(groups)
+    for _ in range(4):
+        grads = [torch.randn_like(p) for p in model.parameters()]
+        for m, o in ((model, opt), (reference_model, reference)):
+            for p, g in zip(m.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            o.step()
+    for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), initial, strict=True))
+
+
+def _names(model, params):
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [ids[id(p)] for p in params]
 
 
 def test_scale_lr_scales_every_group():

@@ -279,10 +279,11 @@ class Config:
 
 
 # The toy data set (data/toy_dataset.py) on 2 CPU cores: VOC07 mAP 0.903 on its test split after 12 epochs
-# (8.4 minutes with evaluation, bench/train.py); the lr decays after epoch 9 (0-based) for the last two. Inputs of 224 px (the toy images are 128-192 px) keep the
-# smallest shapes (10-20 px) apart on the 'toy' backbone's stride-8 map; anchors of 28, 56 and 112 px
-# (scales x 16 px) cover the shapes' 14-137 px at that size; fewer proposals than VGG16's for small images;
-# a light weight decay since the small model underfits rather than overfits.
+# (8.4 minutes with evaluation, bench/train.py); the lr decays after epoch 9 (0-based) for the last two.
+# Inputs of 224 px (the toy images are 128-192 px) keep the smallest shapes (10-20 px) apart on the 'toy'
+# backbone's stride-8 map; anchors of 28, 56 and 112 px (scales x 16 px) cover the shapes' 14-137 px at that
+# size; fewer proposals than VGG16's for small images; a light weight decay since the small model underfits
+# rather than overfits.
 TOY_PRESET: dict[str, Any] = {
     "backbone": "toy",
     "min_size": 224,
