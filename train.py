@@ -297,8 +297,9 @@ class _Run:
                 f"({self.dataset.db.image_path(index)}). Training stopped before this step changed the "
                 f"weights; {kept}.")
 
-    def end_of_epoch(self, eval_map: float) -> None:
-        """Best checkpoint (if improved), lr decay, then ``last.pth``; the epoch counts as completed.
+    def end_of_epoch(self, eval_map: float | None) -> None:
+        """Best checkpoint (if improved; ``eval_map`` None: not evaluated), lr decay, then ``last.pth``; the
+        epoch counts as completed.
 
         After epoch ``lr_decay_epoch`` the best checkpoint is reloaded, model *and* optimizer (the original
         kept the latest momentum buffers with the best weights), then the lr is scaled by ``lr_decay``.
@@ -306,7 +307,7 @@ class _Run:
         cfg, trainer, state, vis = self.cfg, self.trainer, self.state, self.vis
         epoch = state.epoch
         state.epoch, state.order, state.position = epoch + 1, None, 0
-        if state.best_map is None or eval_map > state.best_map:
+        if eval_map is not None and (state.best_map is None or eval_map > state.best_map):
             state.best_map = eval_map
             self.save("best")
         if epoch == cfg.lr_decay_epoch:
@@ -324,6 +325,12 @@ class _Run:
         self.trainer.scale_lr(self.cfg.lr_decay)
         self.state.lr_decayed = True
         self.vis.log(f"lr decayed to {self.trainer.lr:.3g}")
+
+
+def evaluates_after(epoch: int, cfg: Config) -> bool:
+    """Whether epoch ``epoch`` (0-based) ends with an evaluation: every ``eval_every`` epochs, and always the
+    lr-decay epoch (its best checkpoint is reloaded) and the last epoch."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch in (cfg.lr_decay_epoch, cfg.epoch - 1)
 
 
 def train(**kwargs) -> float | None:
@@ -383,14 +390,20 @@ def train(**kwargs) -> float | None:
                 if state.order is None:
                     state.order = _epoch_order(len(dataset), shuffle_generator, cfg.seed, state.epoch)
                 run.train_one_epoch(stop)
-                eval_map = float(evaluate(test_loader, model, cfg.test_num, stop=stop)["map"])
                 losses = trainer.get_meter_data()
-                vis.plot("test_map", eval_map, step=state.iteration)
-                vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, map {eval_map:.4f}, loss {losses}")
-                print(f"epoch {state.epoch}: test mAP {eval_map:.4f}, train loss {losses['total_loss']:.4f}, "
-                      f"lr {trainer.lr:.3g}")
+                evaluated = evaluates_after(state.epoch, cfg)
+                if evaluated:
+                    eval_map = float(evaluate(test_loader, model, cfg.test_num, stop=stop)["map"])
+                    vis.plot("test_map", eval_map, step=state.iteration)
+                    vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, map {eval_map:.4f}, loss {losses}")
+                    print(f"epoch {state.epoch}: test mAP {eval_map:.4f}, train loss "
+                          f"{losses['total_loss']:.4f}, lr {trainer.lr:.3g}")
+                else:
+                    vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, not evaluated, loss {losses}")
+                    print(f"epoch {state.epoch}: train loss {losses['total_loss']:.4f}, lr {trainer.lr:.3g} "
+                          f"(evaluated every {cfg.eval_every} epochs)")
                 with stop.critical():
-                    run.end_of_epoch(eval_map)
+                    run.end_of_epoch(eval_map if evaluated else None)
                 stop.check()
         except StopRequested:
             with stop.critical():

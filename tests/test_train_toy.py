@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from data.dataset import Dataset, TestDataset
 from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc, generate_toy_voc
-from train import build_model, evaluate
+from train import build_model, evaluate, evaluates_after
 from trainer import FasterRCNNTrainer
 from utils.checkpoint import load_checkpoint
 from utils.config import TOY_PRESET, Config
@@ -110,3 +110,23 @@ def test_train_eval_and_resume_from_the_command_line(tiny_voc, tmp_path):
     last = load_checkpoint(run / "last.pth")
     assert last["other_info"]["epoch"] == 3 and last["other_info"]["iteration"] == 36
     assert last["other_info"]["lr"] == pytest.approx(TOY_PRESET["lr"] * 0.1)  # no second decay
+
+
+def test_evaluates_after_every_n_epochs_the_decay_epoch_and_the_last():
+    cfg = Config.parse({"epoch": 13, "lr_decay_epoch": 10, "eval_every": 3})
+    assert [e for e in range(13) if evaluates_after(e, cfg)] == [2, 5, 8, 10, 11, 12]
+    cfg = Config.parse({"epoch": 4, "lr_decay_epoch": 9})
+    assert [e for e in range(4) if evaluates_after(e, cfg)] == [0, 1, 2, 3]
+
+
+def test_eval_every_skips_evaluations_and_keeps_the_best_of_those_made(tiny_voc, tmp_path):
+    options = _tiny_options(tiny_voc, tmp_path, epochs=4)
+    out = _cli("train", *options, "--lr-decay-epoch=1", "--eval-every=3", cwd=tmp_path)
+    assert "epoch 0: train loss" in out and "(evaluated every 3 epochs)" in out
+    assert "epoch 0: test mAP" not in out
+    assert all(f"epoch {e}: test mAP" in out for e in (1, 2, 3))
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    maps = [h for h in history if h["name"] == "test_map"]
+    assert [h["step"] for h in maps] == [24, 36, 48]  # 12 images per epoch
+    best = load_checkpoint(tmp_path / "run" / "best.pth")
+    assert best["other_info"]["best_map"] == pytest.approx(max(h["value"] for h in maps))
