@@ -3,8 +3,9 @@
     python demo.py IMAGE_OR_FOLDER... --load-path=CKPT [--out=demo_out] [--score-thresh=0.7] [--device=auto]
 
 ``CKPT`` is a checkpoint of ours (``checkpoints/<run>/best.pth``) or one of the original
-simple-faster-rcnn-pytorch's (read with weights-only loading: no code in a file ever runs). A folder stands
-for its ``.jpg/.jpeg/.png/.bmp`` files (sorted, not recursive). For each image ``<stem>.<ext>``, ``--out``
+simple-faster-rcnn-pytorch's (read with weights-only loading: no code in a file ever runs); a folder stands
+for its newest ``*.pth`` (found recursively, e.g. ``--load-path=checkpoints``). An input folder stands for its
+``.jpg/.jpeg/.png/.bmp`` files (sorted, not recursive). For each image ``<stem>.<ext>``, ``--out``
 receives:
 
 * ``<stem>.jpg`` (``.png`` for PNG and BMP inputs): the image with the detections drawn, labelled
@@ -83,7 +84,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def load_model(load_path: str | os.PathLike, device: str = "auto"):
-    """The model of a checkpoint, on ``device``, in eval mode, with its class names.
+    """The model of a checkpoint (a file, or a folder: its newest ``*.pth``), on ``device``, in eval mode,
+    with its class names.
 
     Returns:
         ``(model, class_names, ckpt)``: the ``FasterRCNN``, its ``n_fg_class`` names, the checkpoint dict.
@@ -92,8 +94,12 @@ def load_model(load_path: str | os.PathLike, device: str = "auto"):
         DemoError: no such file, or a file that is not a usable checkpoint (the message names it).
     """
     load_path = os.fspath(load_path)
-    if os.path.isdir(load_path):
-        raise DemoError(f"--load-path={load_path!r} is a folder; give a checkpoint file (*.pth)")
+    if os.path.isdir(load_path):  # a run folder, or checkpoints/: its newest checkpoint
+        try:
+            load_path = newest_checkpoint(load_path)
+        except FileNotFoundError as e:
+            raise DemoError(str(e)) from e
+        print(f"checkpoint: {load_path}", file=sys.stderr)
     torch_device = _resolve_device(device)
     try:
         ckpt = load_checkpoint(load_path)

@@ -306,6 +306,19 @@ def test_demo_command_on_a_photo_and_a_folder(toy_tree, photo, tmp_path):
     assert Image.open(out / "000003.png").format == "PNG"
 
 
+def test_load_model_takes_the_newest_checkpoint_of_a_folder(toy_tree, tmp_path, capsys):
+    _, best = toy_tree
+    folder = tmp_path / "checkpoints"
+    (folder / "old_run").mkdir(parents=True)
+    (folder / "new_run").mkdir()
+    shutil.copy(best, folder / "old_run" / "best.pth")
+    shutil.copy(best, folder / "new_run" / "best.pth")
+    os.utime(folder / "old_run" / "best.pth", (1, 1))
+    model, class_names, ckpt = demo.load_model(folder, device="cpu")
+    assert f"checkpoint: {folder / 'new_run' / 'best.pth'}" in capsys.readouterr().err
+    assert class_names == list(ckpt["class_names"]) and not model.training
+
+
 def test_demo_detections_match_predict_and_score_thresh(toy_tree, photo):
     _, best = toy_tree
     model, names, _ = demo.load_model(best, device="cpu")
@@ -335,7 +348,7 @@ def test_demo_bad_inputs_are_clear_errors(toy_tree, photo, tmp_path, capsys):
     cases = [
         ([photo], str(tmp_path / "nope.pth"), "nope.pth' does not exist"),
         ([photo], photo, "astronaut.jpg"),  # not a checkpoint
-        ([photo], str(tmp_path), "is a folder"),
+        ([photo], str(tmp_path), "no *.pth checkpoint under"),
         ([], best, "no image given"),
         ([photo], None, "--load-path=CKPT is required"),
     ]
