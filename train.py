@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from tqdm import tqdm
 
 from data.check import check_splits
-from data.dataset import Dataset, TestDataset, inverse_normalize
+from data.dataset import Dataset, TestDataset, inverse_normalize, normalize_of
 from data.util import DataError
 from model import FasterRCNN, FasterRCNNVGG16
 from model.faster_rcnn_toy import FasterRCNNToy
@@ -89,7 +89,7 @@ def build_model(cfg: Config, n_fg_class: int) -> FasterRCNN:
         "anchor_scales": cfg.anchor_scales,
         "min_size": cfg.min_size,
         "max_size": cfg.max_size,
-        "normalize": "caffe" if cfg.caffe_pretrain else "torchvision",
+        "normalize": normalize_of(cfg),
     }
     if cfg.backbone == "toy":
         return FasterRCNNToy(proposal_creator_params=proposal_creator_params, **common)
@@ -235,10 +235,10 @@ def _set_rng_state(rng: dict | None, trainer: FasterRCNNTrainer, dataset: Datase
     torch.set_rng_state(rng["torch"].cpu())  # the checkpoint was read onto the model's device
 
 
-def _plot_step(vis: Visualizer, trainer: FasterRCNNTrainer, img, bbox, label, normalize: str) -> None:
+def _plot_step(vis: Visualizer, trainer: FasterRCNNTrainer, img, bbox, label) -> None:
     """The original's pictures of a plot step: ground truth, prediction, both confusion matrices."""
     names = trainer.class_names
-    ori_img = inverse_normalize(img[0].numpy(), normalize)
+    ori_img = inverse_normalize(img[0].numpy(), trainer.faster_rcnn.normalize)
     vis.img("gt_img", visdom_bbox(ori_img, bbox[0].numpy(), label[0].numpy(), label_names=names))
     bboxes, labels, scores = trainer.faster_rcnn.predict([ori_img], visualize=True)
     vis.img("pred_img", visdom_bbox(ori_img, bboxes[0], labels[0], scores[0], label_names=names))
@@ -265,7 +265,6 @@ class _Run:
         """Train the rest of the current epoch (``state.order`` from ``state.position``)."""
         cfg, trainer, state = self.cfg, self.trainer, self.state
         trainer.reset_meters()
-        normalize = "caffe" if cfg.caffe_pretrain else "torchvision"
         remaining = state.order[state.position:]
         loader = DataLoader(self.dataset, batch_size=1, sampler=remaining, num_workers=cfg.num_workers,
                             worker_init_fn=ignore_stop_signals)
@@ -282,7 +281,7 @@ class _Run:
             if state.iteration % cfg.plot_every == 0:
                 self.vis.plot_many(trainer.get_meter_data(), step=state.iteration)
                 if self.vis.connected:
-                    _plot_step(self.vis, trainer, img, bbox, label, normalize)
+                    _plot_step(self.vis, trainer, img, bbox, label)
             if state.iteration % 10 == 0:
                 bar.set_postfix(loss=f"{trainer.meters['total_loss'].value():.3f}")
             stop.check()

@@ -23,7 +23,7 @@ from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc
 from data.util import flip_bbox, random_flip, resize_bbox
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 
-__all__ = ["preprocess", "inverse_normalize", "Transform", "Dataset", "TestDataset"]
+__all__ = ["preprocess", "inverse_normalize", "normalize_of", "Transform", "Dataset", "TestDataset"]
 
 _TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)  # RGB
 _TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)  # RGB
@@ -136,7 +136,9 @@ class Transform:
         return img, bbox, label, scale
 
 
-def _normalize_of(opt) -> str:
+def normalize_of(opt) -> str:
+    """The input normalisation that ``opt`` selects: ``'caffe'`` with ``caffe_pretrain``, else
+    ``'torchvision'``."""
     return "caffe" if opt.caffe_pretrain else "torchvision"
 
 
@@ -202,7 +204,7 @@ class Dataset(_VOCSplit):
         data_dir, self.label_names = _voc_source(opt)
         self.db = VOCBboxDataset(data_dir, split="trainval", label_names=self.label_names)
         self.seed = getattr(opt, "seed", None)
-        self.tsf = Transform(opt.min_size, opt.max_size, _normalize_of(opt), np.random.default_rng(self.seed))
+        self.tsf = Transform(opt.min_size, opt.max_size, normalize_of(opt), np.random.default_rng(self.seed))
         self._worker_seed = None
         self._worker_rng = None
 
@@ -244,7 +246,7 @@ class TestDataset(_VOCSplit):
             data_dir, split=split, use_difficult=use_difficult, label_names=self.label_names)
         self.min_size = opt.min_size
         self.max_size = opt.max_size
-        self.normalize = _normalize_of(opt)
+        self.normalize = normalize_of(opt)
 
     def __getitem__(self, idx: int):
         ori_img, bbox, label, difficult = self.db.get_example(idx)
