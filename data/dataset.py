@@ -17,10 +17,9 @@ import os
 
 import numpy as np
 import torch.utils.data
-from skimage.transform import resize
 
 from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc
-from data.util import flip_bbox, random_flip, resize_bbox
+from data.util import flip_bbox, random_flip, resize_bbox, resize_image
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 
 __all__ = ["preprocess", "inverse_normalize", "normalize_of", "Transform", "Dataset", "TestDataset"]
@@ -53,9 +52,9 @@ def preprocess(
 ) -> np.ndarray:
     """Resize an image for the network and normalise it.
 
-    The resize is bilinear without anti-aliasing and with reflected borders
-    (``skimage.transform.resize(..., mode='reflect', anti_aliasing=False)``), as the original; see
-    :func:`_resized_size` for the output size.
+    The resize is bilinear without anti-aliasing and with mirrored borders, the values of the original's
+    ``skimage.transform.resize(..., mode='reflect', anti_aliasing=False)`` (:func:`data.util.resize_image`,
+    several times faster); see :func:`_resized_size` for the output size.
 
     Args:
         img: ``(3, H, W)`` RGB in ``[0, 255]`` (any float or integer dtype).
@@ -71,7 +70,7 @@ def preprocess(
         raise ValueError(f"preprocess wants a (3, H, W) RGB image, got shape {img.shape}")
     out_h, out_w = _resized_size(img.shape[1:], min_size, max_size)
     img = np.asarray(img, dtype=np.float32) / 255.0
-    img = resize(img, (3, out_h, out_w), order=1, mode="reflect", anti_aliasing=False).astype(np.float32)
+    img = resize_image(img, (out_h, out_w))
     if normalize == "caffe":
         # (3, H', W') RGB 0-1 -> BGR 0-255, each channel minus its own mean.
         return img[::-1] * 255.0 - _CAFFE_MEAN_BGR

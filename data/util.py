@@ -9,7 +9,7 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["DataError", "ImageReadError", "read_image", "resize_bbox", "flip_bbox", "random_flip"]
+__all__ = ["DataError", "ImageReadError", "read_image", "resize_image", "resize_bbox", "flip_bbox", "random_flip"]
 
 # 16-bit grayscale (PNG/TIFF) opens in one of these modes; PIL's own conversion to 8 bits clips at 255
 # instead of rescaling, so read_image rescales them itself. 'I' (32-bit integer) is read the same way,
@@ -78,6 +78,60 @@ def read_image(path: str | os.PathLike, dtype=np.float32, color: bool = True) ->
     if array.ndim == 2:
         return array[None].astype(dtype)  # (H, W) -> (1, H, W)
     return array.transpose((2, 0, 1)).astype(dtype)  # (H, W, C) -> (C, H, W)
+
+
+def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``(i0, i1)`` and weight ``w1`` of each of ``n_out`` samples along one axis.
+
+    Output sample ``j`` is centred at input coordinate ``x = (j + 0.5) * n_in / n_out - 0.5`` (pixel centres
+    at integers, the image spans ``[-0.5, n_in - 0.5]``) and is ``(1 - w1) * in[i0] + w1 * in[i1]`` with
+    ``i0 = floor(x)``, ``i1 = i0 + 1``, ``w1 = x - i0``. Indices outside ``[0, n_in - 1]`` are mirrored about
+    the edge pixels (``-1 -> 1``, ``n_in -> n_in - 2``), scipy.ndimage's ``'mirror'`` mode.
+    """
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    i0 = np.floor(x)
+    w1 = x - i0
+    i0 = i0.astype(np.int64)
+    taps = np.stack((i0, i0 + 1))
+    if n_in == 1:
+        taps[:] = 0
+    else:
+        period = 2 * (n_in - 1)
+        taps = np.abs(taps) % period  # mirror about 0, then fold the far side back about n_in - 1
+        taps = np.where(taps > n_in - 1, period - taps, taps)
+    return taps[0], taps[1], w1
+
+
+def resize_image(img: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a ``(C, H, W)`` float image to ``(C, H', W')``, without anti-aliasing.
+
+    The same values (to float rounding) as the original's
+    ``skimage.transform.resize(img, (C, H', W'), order=1, mode='reflect', anti_aliasing=False)``, i.e.
+    ``scipy.ndimage.zoom(..., order=1, mode='mirror', grid_mode=True)``, computed as two separable passes
+    of two-tap gathers, several times faster on the small images a training step reads.
+
+    Args:
+        img: ``(C, H, W)`` float32 or float64 array.
+        out_size: ``(H', W')``, each >= 1.
+
+    Returns:
+        ``(C, H', W')`` array of ``img``'s dtype.
+    """
+    if img.ndim != 3:
+        raise ValueError(f"resize_image wants a (C, H, W) image, got shape {img.shape}")
+    out_h, out_w = out_size
+    y0, y1, wy = _linear_taps(img.shape[1], out_h)
+    x0, x1, wx = _linear_taps(img.shape[2], out_w)
+    rows = _lerp(np.take(img, y0, axis=1), np.take(img, y1, axis=1), wy[:, None])  # (C, H', W)
+    return _lerp(np.take(rows, x0, axis=2), np.take(rows, x1, axis=2), wx)  # (C, H', W')
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``a + w * (b - a)``, computed in place in the fresh arrays ``a`` and ``b`` (in ``a``'s dtype)."""
+    b -= a
+    b *= w.astype(a.dtype)
+    a += b
+    return a
 
 
 def resize_bbox(bbox: np.ndarray, in_size: tuple[int, int], out_size: tuple[int, int]) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data.dataset import Dataset, TestDataset, Transform, inverse_normalize, preprocess
-from data.util import ImageReadError, flip_bbox, random_flip, read_image, resize_bbox
+from data.util import ImageReadError, flip_bbox, random_flip, read_image, resize_bbox, resize_image
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, AnnotationError, VOCBboxDataset
 
 # ----------------------------------------------------------------------------------------------------
@@ -189,6 +189,37 @@ def test_preprocess_resize_is_pixel_centre_bilinear():
     assert out.shape == (3, 80, 100)
     j = np.arange(2, 98)
     np.testing.assert_allclose(out[0, 40, j], (j + 0.5) / 2 - 0.5, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_resize_image_matches_the_originals_skimage_resize(dtype):
+    # The original resized with skimage (bilinear, mirrored borders, no anti-aliasing): same values on
+    # random images and sizes, up- and down-sampling, 1-pixel sides included.
+    from skimage.transform import resize
+
+    rng = np.random.default_rng()
+    for _ in range(200):
+        (h, w), (out_h, out_w) = rng.integers(1, 40, 2), rng.integers(1, 90, 2)
+        img = rng.uniform(0, 255, (3, h, w)).astype(dtype)
+        expected = resize(img, (3, out_h, out_w), order=1, mode="reflect", anti_aliasing=False)
+        out = resize_image(img, (out_h, out_w))
+        assert out.shape == (3, out_h, out_w) and out.dtype == dtype
+        np.testing.assert_allclose(out, expected, rtol=0, atol=1e-4 if dtype == np.float32 else 1e-9)
+
+
+def test_resize_image_hand_worked_borders():
+    # [0, 10, 30] (3 pixels) to 6: samples at x = (j + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, 1.75, 2.25.
+    # x = -0.25 lies between pixel -1 (mirrored: pixel 1 = 10) and pixel 0; x = 2.25 between pixel 2 and
+    # pixel 3 (mirrored: pixel 1).
+    img = np.array([0, 10, 30], np.float64).reshape(1, 1, 3)
+    out = resize_image(img, (1, 6))[0, 0]
+    np.testing.assert_allclose(out, [2.5, 2.5, 7.5, 15, 25, 25])
+    # 4 pixels to 2: exact midpoints, no border involved
+    np.testing.assert_allclose(resize_image(np.arange(4.0).reshape(1, 4, 1), (2, 1))[0, :, 0], [0.5, 2.5])
+    # a single pixel spreads everywhere
+    np.testing.assert_allclose(resize_image(np.full((2, 1, 1), 7.0), (3, 5)), np.full((2, 3, 5), 7.0))
+    with pytest.raises(ValueError, match="C, H, W"):
+        resize_image(np.zeros((4, 4)), (2, 2))
 
 
 def test_normalisation_on_a_solid_colour():
