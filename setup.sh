@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make (or refresh) .venv with the pinned requirements and build the optional Cython NMS extensions.
+# Make (or refresh) .venv with the pinned requirements and build the optional Cython extensions (NMS, RoI).
 # Safe to run again: pip skips what is installed, the build skips what is up to date.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,5 +11,5 @@ constraint=.venv/build-constraints.txt
 echo 'setuptools<81' > "$constraint"
 .venv/bin/python -m pip install -q --build-constraint "$constraint" -r requirements.txt
 # Optional speed-up; the pure-Python fallback is used when this is missing.
-(cd model/utils/nms && ../../../.venv/bin/python build.py build_ext --inplace -q) \
-  || echo "setup.sh: Cython NMS build failed; the slower pure-Python NMS post-processing will be used." >&2
+(cd model/utils && ../../.venv/bin/python build.py build_ext --inplace -q) \
+  || echo "setup.sh: Cython build failed; the slower Python/torch twins of NMS and RoI pooling will be used." >&2

@@ -35,6 +35,11 @@ from torch.autograd.function import once_differentiable
 from model.utils.cupy_utils import cupy_available
 from model.utils.roi_cupy import roi_backward_cuda, roi_forward_cuda
 
+try:  # optional Cython forward (model/utils/build.py); without it the torch twin below runs
+    from model.utils._roi_pool_cpu import roi_pool_forward_nhwc as _forward_nhwc_cython
+except ImportError:
+    _forward_nhwc_cython = None
+
 __all__ = [
     "RoI",
     "RoIPooling2D",
@@ -42,6 +47,7 @@ __all__ = [
     "roi_pool_forward",
     "roi_pool_backward",
     "roi_pool_forward_cpu",
+    "roi_pool_forward_torch",
     "roi_pool_backward_cpu",
 ]
 
@@ -166,9 +172,38 @@ def roi_pool_backward(grad_y: torch.Tensor, rois: torch.Tensor, argmax: torch.Te
     return grad_x.to(grad_y.device)
 
 
-@_one_thread()
 def roi_pool_forward_cpu(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: int, spatial_scale: float,
                          with_argmax: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward kernel on the CPU: the Cython loop when it is built, else :func:`roi_pool_forward_torch`.
+
+    Both give the kernel's values and argmax. The Cython loop (``model/utils/_roi_pool_cpu.pyx``) reads the
+    map channels-last (no copy for a channels-last ``x``), one thread, and costs about a cell visit per
+    pooled value, whatever the channel count; the torch twin pays a fixed cost per roi, which dominates for
+    the few channels of the toy model.
+
+    Args: as :func:`roi_pooling_2d`, with ``rois`` ``(R, 5)`` of ``x``'s dtype; ``with_argmax=False`` skips
+        the argmax (inference).
+
+    Returns:
+        ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
+        None), on the CPU.
+    """
+    if _forward_nhwc_cython is None:
+        return roi_pool_forward_torch(x, rois, outh, outw, spatial_scale, with_argmax)
+    x_nhwc = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
+    shape = (rois.shape[0], outh, outw, x.shape[1])  # (R, OH, OW, C)
+    y = x.new_empty(shape)
+    argmax = torch.empty(shape if with_argmax else (0, 0, 0, 0), dtype=torch.int32)
+    _forward_nhwc_cython(x_nhwc.numpy(), rois.detach().contiguous().numpy(), outh, outw, spatial_scale,
+                         y.numpy(), argmax.numpy(), with_argmax)
+    # (R, OH, OW, C) -> (R, C, OH, OW)
+    y = y.permute(0, 3, 1, 2).contiguous()
+    return y, argmax.permute(0, 3, 1, 2).contiguous() if with_argmax else None
+
+
+@_one_thread()
+def roi_pool_forward_torch(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: int, spatial_scale: float,
+                           with_argmax: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The torch implementation of the forward kernel: the same values and argmax.
 
     Bins in float arithmetic of ``x``'s dtype, as the kernel (float32) and torchvision compute them. A roi

@@ -39,7 +39,7 @@ def cython_nms():
         post = importlib.import_module("model.utils.nms._nms_gpu_post")
     except ImportError:
         pytest.importorskip("Cython", reason="Cython is not installed: the extensions cannot be built")
-        subprocess.run([sys.executable, "build.py", "build_ext", "--inplace"], cwd=NMS_DIR, check=True,
+        subprocess.run([sys.executable, "build.py", "build_ext", "--inplace"], cwd=NMS_DIR.parent, check=True,
                        capture_output=True)
         importlib.invalidate_caches()
         cpu = importlib.import_module("model.utils.nms._nms_cpu")
@@ -344,7 +344,7 @@ def test_fallback_warns_once_in_one_line_and_selects_the_same():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     keep_line, message = out.stdout.strip().splitlines()
-    assert "cd model/utils/nms && python build.py build_ext --inplace" in message
+    assert "cd model/utils && python build.py build_ext --inplace" in message
     rng = np.random.default_rng(0)
     bbox = np.sort(rng.uniform(0, 100, (200, 4)).astype(np.float32).reshape(200, 2, 2), axis=1)
     bbox = bbox.transpose(0, 2, 1).reshape(200, 4)

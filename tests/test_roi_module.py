@@ -22,6 +22,7 @@ from model.roi_module import (
     roi_pool_backward_cpu,
     roi_pool_forward,
     roi_pool_forward_cpu,
+    roi_pool_forward_torch,
     roi_pooling_2d,
 )
 from model.utils.cupy_utils import cupy_available
@@ -35,6 +36,18 @@ from model.utils.roi_cupy import (
 
 cuda = [pytest.mark.cuda, pytest.mark.skipif(not cupy_available(), reason="needs CuPy and a CUDA GPU")]
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@pytest.fixture(params=["cython", "torch"])
+def cpu_forward(request, monkeypatch):
+    """Run a test with each CPU forward: the Cython loop (built by ./setup.sh) and its torch twin."""
+    if request.param == "cython":
+        if roi_module._forward_nhwc_cython is None:
+            pytest.skip("the Cython RoI extension is not built (cd model/utils && python build.py build_ext "
+                        "--inplace)")
+    else:
+        monkeypatch.setattr(roi_module, "_forward_nhwc_cython", None)
+    return request.param
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -137,7 +150,7 @@ CASES = [  # (outh, outw, spatial_scale, (N, C, H, W))
 
 
 @pytest.mark.parametrize("outh, outw, spatial_scale, shape", CASES)
-def test_forward_matches_reference_and_torchvision(outh, outw, spatial_scale, shape):
+def test_forward_matches_reference_and_torchvision(outh, outw, spatial_scale, shape, cpu_forward):
     rng = np.random.default_rng(outh * 100 + outw)
     x = (np.round(rng.standard_normal(shape) * 2) / 2).astype(np.float32)  # many ties: the first maximum wins
     rois = random_rois(rng, 48, shape[0], shape[2], shape[3], spatial_scale)
@@ -154,7 +167,7 @@ def test_forward_matches_reference_and_torchvision(outh, outw, spatial_scale, sh
 
 
 @pytest.mark.parametrize("outh, outw, spatial_scale, shape", CASES)
-def test_backward_matches_reference_and_torchvision(outh, outw, spatial_scale, shape):
+def test_backward_matches_reference_and_torchvision(outh, outw, spatial_scale, shape, cpu_forward):
     rng = np.random.default_rng(outh * 10 + outw)
     x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
     rois = torch.from_numpy(random_rois(rng, 40, shape[0], shape[2], shape[3], spatial_scale))
@@ -170,7 +183,7 @@ def test_backward_matches_reference_and_torchvision(outh, outw, spatial_scale, s
     assert (grad_ref != 0).sum() > 10
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(cpu_forward):
     rng = np.random.default_rng(3)
     x = torch.from_numpy(distinct_map(rng, (2, 2, 6, 7), np.float64)).requires_grad_()
     rois = torch.tensor([
@@ -189,7 +202,7 @@ def test_gradcheck_float64():
     assert pool(x).dtype == torch.float64
 
 
-def test_float_rounding_stretches_the_last_bin():
+def test_float_rounding_stretches_the_last_bin(cpu_forward):
     """A roi 57 cells tall in 7 bins: 7 * float32(57 / 7) rounds above 57, so the last bin ends one row
     past the roi (the kernel's and torchvision's arithmetic). The forward pools that row and the gradient
     reaches it (the original backward kernel stopped at the roi's end row and dropped it)."""
@@ -205,7 +218,7 @@ def test_float_rounding_stretches_the_last_bin():
     assert x.grad[0, 0, 57, 1] == 1.0
 
 
-def test_float_rounding_moves_a_bin_start():
+def test_float_rounding_moves_a_bin_start(cpu_forward):
     """26 cells in 22 bins: float32 11 * (26 / 22) rounds below 13, so bin 11 starts at column 12 (exact
     arithmetic, adaptive pooling's, says 13)."""
     x = torch.zeros(1, 1, 1, 30)
@@ -217,7 +230,7 @@ def test_float_rounding_moves_a_bin_start():
     np.testing.assert_array_equal(y.numpy(), torchvision.ops.roi_pool(x, rois, (1, 22), 1 / 16).numpy())
 
 
-def test_hand_worked_roi():
+def test_hand_worked_roi(cpu_forward):
     """The spec's example: x from 100 to 200 px at 1/16 -> cells 6..13 (12.5 rounds to 13), 8 cells in 7 bins
     of 8/7: column bins [6, 8), [7, 9), [8, 10), [9, 11), [10, 12), [11, 13), [12, 14)."""
     x = torch.arange(20.0).view(1, 1, 1, 20)  # value = column
@@ -226,7 +239,7 @@ def test_hand_worked_roi():
     assert argmax.flatten().tolist() == [7, 8, 9, 10, 11, 12, 13]
 
 
-def test_degenerate_and_zero_size_rois_pool_one_cell():
+def test_degenerate_and_zero_size_rois_pool_one_cell(cpu_forward):
     rng = np.random.default_rng(4)
     x = torch.from_numpy(distinct_map(rng, (1, 3, 5, 6)))
     rois = torch.tensor([[0.0, 64, 48, 16, 16], [0, 64, 48, 64, 48]])  # x_min > x_max; zero size at (3, 4)
@@ -241,7 +254,7 @@ def test_degenerate_and_zero_size_rois_pool_one_cell():
     torch.testing.assert_close(x.grad, grad)
 
 
-def test_rois_outside_the_image_give_zeros_and_no_gradient():
+def test_rois_outside_the_image_give_zeros_and_no_gradient(cpu_forward):
     x = torch.randn(2, 3, 5, 6).requires_grad_()
     rois = torch.tensor([[1.0, 200, 0, 300, 50], [0, -300, -200, -100, -50], [0, 0, 100, 50, 150]])
     y, argmax = roi_pool_forward_cpu(x.detach(), rois, 3, 3, 1 / 16)
@@ -250,7 +263,7 @@ def test_rois_outside_the_image_give_zeros_and_no_gradient():
     assert (x.grad == 0).all()
 
 
-def test_several_images_pool_their_own_map():
+def test_several_images_pool_their_own_map(cpu_forward):
     x = torch.randn(3, 2, 6, 8)
     x[1] += 100.0
     x[2] -= 100.0
@@ -264,7 +277,7 @@ def test_several_images_pool_their_own_map():
     assert (y[1] > 50).all() and (y[2] < -50).all()
 
 
-def test_no_rois():
+def test_no_rois(cpu_forward):
     x = torch.randn(1, 4, 5, 5).requires_grad_()
     y = roi_pooling_2d(x, torch.zeros(0, 5), 7, 7, 1 / 16)
     assert y.shape == (0, 4, 7, 7)
@@ -272,7 +285,7 @@ def test_no_rois():
     assert x.grad.shape == x.shape and (x.grad == 0).all()
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs(cpu_forward):
     rng = np.random.default_rng(5)
     x = torch.from_numpy(rng.standard_normal((2, 5, 9, 10)).astype(np.float32))
     rois = torch.from_numpy(random_rois(rng, 20, 2, 9, 10, 1 / 16))
@@ -292,6 +305,29 @@ def test_non_contiguous_inputs():
         torch.testing.assert_close(y, expected[0], rtol=0, atol=0)
         y.backward(grad_y.transpose(0, 1).contiguous().transpose(0, 1))  # a non-contiguous grad too
         torch.testing.assert_close(xv.grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels", [1, 32, 67])
+def test_cython_forward_matches_the_torch_twin(dtype, channels):
+    """The Cython loop and the torch twin on fresh random maps and rois of every kind, channels-last and
+    contiguous maps, with and without argmax, float32 and float64 (bins in the map's precision)."""
+    if roi_module._forward_nhwc_cython is None:
+        pytest.skip("the Cython RoI extension is not built")
+    rng = np.random.default_rng()
+    for outh, outw, spatial_scale, (n, _, h, w) in CASES + [(7, 7, 1 / 8, (2, 0, 28, 44))]:
+        x = torch.from_numpy(rng.standard_normal((n, channels, h, w))).to(dtype)
+        x[:, :, ::3] = torch.round(x[:, :, ::3])  # ties: the first maximum wins
+        rois = torch.from_numpy(random_rois(rng, 96, n, h, w, spatial_scale)).to(dtype)
+        y_ref, argmax_ref = roi_pool_forward_torch(x, rois, outh, outw, spatial_scale)
+        for xv in (x, x.contiguous(memory_format=torch.channels_last)):
+            y, argmax = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale)
+            assert y.is_contiguous() and argmax.is_contiguous() and y.dtype == dtype
+            torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+            torch.testing.assert_close(argmax, argmax_ref, rtol=0, atol=0)
+            y_only, none = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale, with_argmax=False)
+            assert none is None
+            torch.testing.assert_close(y_only, y_ref, rtol=0, atol=0)
 
 
 def test_crop_and_gather_strategies_agree():
@@ -321,7 +357,7 @@ def test_crop_and_gather_strategies_agree():
     assert (y_crop[others] == 99).all() and (argmax_crop[others] == 99).all()  # only the rows asked for
 
 
-def test_module():
+def test_module(cpu_forward):
     pool = RoIPooling2D(7, 7, 1 / 16)
     assert "outh=7" in repr(pool)
     x = torch.randn(1, 2, 6, 6)

@@ -40,7 +40,7 @@ except ImportError:  # the Cython extensions are not built: same results, slower
 
     warnings.warn(
         "model/utils/nms: Cython extensions not built, using the slower Python fallback; build them with "
-        "`cd model/utils/nms && python build.py build_ext --inplace`",
+        "`cd model/utils && python build.py build_ext --inplace`",
         stacklevel=1,
     )
 
