@@ -9,7 +9,9 @@ import os
 import numpy as np
 from PIL import Image
 
-__all__ = ["DataError", "ImageReadError", "read_image", "resize_image", "resize_bbox", "flip_bbox", "random_flip"]
+__all__ = [
+    "DataError", "ImageReadError", "read_image", "resize_image", "resize_bbox", "flip_bbox", "random_flip",
+]
 
 # 16-bit grayscale (PNG/TIFF) opens in one of these modes; PIL's own conversion to 8 bits clips at 255
 # instead of rescaling, so read_image rescales them itself. 'I' (32-bit integer) is read the same way,
