@@ -35,7 +35,8 @@ def roi_pool_forward_nhwc(const floating[:, :, :, ::1] x, const floating[:, ::1]
     cdef Py_ssize_t n_roi = rois.shape[0], height = x.shape[1], width = x.shape[2], channels = x.shape[3]
     cdef Py_ssize_t r, ph, pw, h, w, c, b, hstart, hend, wstart, wend
     cdef int start_w, start_h, end_w, end_h, roi_h, roi_w, cell
-    cdef floating bin_h, bin_w, v
+    cdef floating bin_h, bin_w, v, m
+    cdef int k
     cdef floating* out
     cdef int* index = NULL
     cdef const floating* row
@@ -78,11 +79,18 @@ def roi_pool_forward_nhwc(const floating[:, :, :, ::1] x, const floating[:, ::1]
                         for w in range(wstart, wend):
                             row = &x[b, h, w, 0]
                             if with_argmax:
+                                # Unconditional loads and stores around a select on locals: the compiler
+                                # vectorises that pass over channels, not a conditional store.
                                 cell = <int>(h * width + w)
                                 for c in range(channels):
-                                    if row[c] > out[c]:
-                                        out[c] = row[c]
-                                        index[c] = cell
+                                    v = row[c]
+                                    m = out[c]
+                                    k = index[c]
+                                    if v > m:
+                                        m = v
+                                        k = cell
+                                    out[c] = m
+                                    index[c] = k
                             else:
                                 for c in range(channels):
                                     v = row[c]
