@@ -12,6 +12,10 @@ same VGG16, and the toy job's time to mAP 0.9.
    boxes. Ours runs its extractor in ``channels_last`` (as ``bench/inference.py``); ours is given the
    preprocessed image, torchvision the RGB [0, 1] image (it normalises inside; the resize is a no-op at
    600x800). Repetitions interleave the models; medians are reported, and the ratio (target <= 0.85).
+   The FLOP floor of the step (as ``bench/inference.py``'s for inference): the FLOPs of every convolution
+   and linear layer of ours, forward, plus backward twice the forward where both the weight and the input
+   need a gradient and once where only one does (conv3_1 has no input gradient: conv1/conv2 are frozen),
+   divided by the rate of a 4096^3 fp32 matmul timed among the repetitions.
 2. Toy time to mAP: ``train.train(data='toy')`` exactly as ``python train.py train --data=toy`` runs it,
    in this process; the run's ``history.jsonl`` gives the iteration and the time (evaluation included) at
    which the per-epoch test mAP first reached 0.9, the final mAP and the total time.
@@ -33,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.inference import build_ours, build_torchvision, photo  # noqa: E402
+from bench.inference import Matmul, build_ours, build_torchvision, photo  # noqa: E402
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
@@ -99,6 +104,30 @@ class TorchvisionStep:
         return total
 
 
+def training_flops(step: OursStep) -> tuple[int, int]:
+    """``(forward, backward)`` FLOPs (multiply-add = 2) of the convolutions and linear layers of one step of
+    ours; each backward product (weight gradient, input gradient) that autograd computes costs the
+    forward's."""
+    flops = [0, 0]
+
+    def record(module, args, out):
+        k = (module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+             if isinstance(module, nn.Conv2d) else module.in_features)
+        forward = 2 * k * out.numel()
+        flops[0] += forward
+        flops[1] += forward * (int(module.weight.requires_grad) + int(args[0].requires_grad))
+
+    model = step.trainer.faster_rcnn
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return flops[0], flops[1]
+
+
 def vgg16_steps(args, device: torch.device) -> None:
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
     raw = photo(height, width)
@@ -113,10 +142,14 @@ def vgg16_steps(args, device: torch.device) -> None:
           f"{len(BBOX)} boxes, random init, ours {layout}")
     for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
         step()
+    matmul = Matmul(device)
+    matmul()
     times = {name: [] for name in steps}
+    matmul_times = []
     for _ in range(args.reps):
         for name, step in steps.items():
             times[name].append(timed(step, device))
+        matmul_times.append(statistics.median(timed(matmul, device) for _ in range(3)))
     median = {name: statistics.median(t) for name, t in times.items()}
     for name, t in median.items():
         print(f"{name:12s} {t:.3f} s/step median of {args.reps} (min {min(times[name]):.3f} "
@@ -125,6 +158,13 @@ def vgg16_steps(args, device: torch.device) -> None:
           "optimizer, our fused SGD, for both)")
     print(f"ratio ours / torchvision with its reference recipe's SGD: "
           f"{median['ours'] / median['tv, ref. SGD']:.3f} (for information)")
+    forward, backward = training_flops(steps["ours"])
+    rate = matmul.flops / statistics.median(matmul_times)
+    floor = (forward + backward) / rate
+    print(f"FLOPs of a step (convolutions and linear layers): forward {forward / 1e9:.0f} G, backward "
+          f"{backward / 1e9:.0f} G; fp32 matmul 4096^3 {rate / 1e9:.0f} GFLOP/s; FLOP floor {floor:.3f} s")
+    print(f"ours / floor {median['ours'] / floor:.3f} (target <= 1.15), torchvision / floor "
+          f"{median['torchvision'] / floor:.3f}")
     if device.type == "cuda":
         for name, step in steps.items():
             torch.cuda.synchronize(device)
