@@ -143,19 +143,24 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def layer_flops(module: nn.Conv2d | nn.Linear, out: torch.Tensor) -> int:
+    """FLOPs (multiply-add = 2) of one forward of a convolution or linear layer that produced ``out``."""
+    if isinstance(module, nn.Conv2d):
+        fan_in = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+    else:
+        fan_in = module.in_features
+    return 2 * fan_in * out.numel()
+
+
 def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> dict[str, int]:
     """FLOPs (multiply-add = 2) of one ``predict``: extractor convs, RPN convs, head linears, from hooks."""
     flops = {"extractor": 0, "rpn": 0, "head": 0, "n_roi": 0}
 
     def hook(part):
         def record(module, args, out):
-            if isinstance(module, nn.Conv2d):
-                k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-                flops[part] += 2 * k * out.numel()
-            else:
-                flops[part] += 2 * module.in_features * out.numel()
-                if part == "head" and module is model.head.score:
-                    flops["n_roi"] = out.shape[0]
+            flops[part] += layer_flops(module, out)
+            if part == "head" and module is model.head.score:
+                flops["n_roi"] = out.shape[0]
         return record
 
     handles = []

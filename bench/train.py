@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.inference import Matmul, build_ours, build_torchvision, photo  # noqa: E402
+from bench.inference import Matmul, build_ours, build_torchvision, layer_flops, photo  # noqa: E402
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
@@ -111,9 +111,7 @@ def training_flops(step: OursStep) -> tuple[int, int]:
     flops = [0, 0]
 
     def record(module, args, out):
-        k = (module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-             if isinstance(module, nn.Conv2d) else module.in_features)
-        forward = 2 * k * out.numel()
+        forward = layer_flops(module, out)
         flops[0] += forward
         flops[1] += forward * (int(module.weight.requires_grad) + int(args[0].requires_grad))
 
