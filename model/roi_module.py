@@ -9,7 +9,8 @@ Naming:
     ``torchvision.ops.roi_pool``. ``argmax``: ``(R, C, OH, OW)`` int32 flat index ``h * W + w`` of each
     maximum in its feature plane, -1 for an empty bin.
 
-Semantics (original-spec §7, the same as ``torchvision.ops.roi_pool``), per roi, in the dtype of ``x``:
+Semantics (original-spec §7, the same as ``torchvision.ops.roi_pool``), per roi, in the dtype of ``x``
+(float32 for a float16 or bfloat16 ``x``, see below):
     1. corners to cells: ``start_w = round(x_min * spatial_scale)`` (half away from zero), likewise
        ``start_h``, ``end_w``, ``end_h``;
     2. ``roi_h = max(end_h - start_h + 1, 1)`` (a malformed roi becomes one cell), ``bin_h = roi_h / OH``;
@@ -22,6 +23,12 @@ Devices: a CUDA tensor runs the CuPy kernels of ``model/utils/roi_cupy.py`` (flo
 GPU; everything else runs the torch implementation below, on a CPU copy for a tensor that is not on the CPU
 (with a warning: install CuPy), and the result returns to the input's device. Feature values are assumed
 finite (the kernels never pick a NaN or -inf as a maximum; the CPU path may).
+
+Half precision: a float16 or bfloat16 ``x`` (e.g. under ``torch.autocast``) is pooled in float32 on every
+path, rois included (their coordinates are converted to float32, never rounded to the half dtype, so the bins
+are those of float32 features), and the output and the gradient w.r.t. ``x`` come back in ``x``'s dtype, as
+``torchvision.ops.roi_pool`` returns half outputs. Max pooling only selects, so the values and the argmax
+are those of ``x.float()`` exactly; the gradient is summed in float32 and rounded once to ``x``'s dtype.
 """
 
 import contextlib
@@ -56,6 +63,13 @@ __all__ = [
 _MARGIN = 2
 # Bound on the elements gathered at once for the rois pooled by explicit bins (float32: 64 MiB).
 _GATHER_CHUNK = 2**24
+# Feature dtypes pooled in float32 and returned in their own dtype.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype RoI pooling computes in for features of ``dtype``: float32 for a half dtype, else itself."""
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
 @contextlib.contextmanager
@@ -79,14 +93,17 @@ def roi_pooling_2d(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: int,
     """Max-pool each roi of ``x`` into an ``(OH, OW)`` grid; differentiable w.r.t. ``x``.
 
     Args:
-        x: ``(N, C, H, W)`` float32 or float64 feature map (float32 only on CUDA with CuPy).
+        x: ``(N, C, H, W)`` float16, bfloat16, float32 or float64 feature map (not float64 on CUDA with
+            CuPy). A half dtype is pooled in float32 (see the module docstring).
         rois: ``(R, 5)`` floating tensor on ``x``'s device, ``(batch_index, x_min, y_min, x_max, y_max)`` in
-            input-image pixels, batch indices integers in ``[0, N)``; converted to ``x``'s dtype.
+            input-image pixels, batch indices integers in ``[0, N)``; converted to ``x``'s dtype, or to
+            float32 for a half ``x``.
         outh, outw: pooled size ``OH``, ``OW`` (>= 1).
         spatial_scale: feature cells per input-image pixel (> 0), e.g. 1/16.
 
     Returns:
-        ``(R, C, OH, OW)`` contiguous tensor of ``x``'s dtype on ``x``'s device.
+        ``(R, C, OH, OW)`` contiguous tensor of ``x``'s dtype on ``x``'s device; the gradient w.r.t. ``x`` is
+        of ``x``'s dtype too.
     """
     rois = _check_inputs(x, rois, outh, outw, spatial_scale)
     return RoI.apply(x, rois, int(outh), int(outw), float(spatial_scale))
@@ -117,7 +134,8 @@ class RoI(torch.autograd.Function):
     """Autograd Function of RoI max pooling; the forward's argmax is saved for the backward.
 
     ``RoI.apply(x, rois, outh, outw, spatial_scale)`` expects inputs already checked by
-    :func:`roi_pooling_2d` (rois ``(R, 5)`` of ``x``'s dtype, valid batch indices).
+    :func:`roi_pooling_2d` (rois ``(R, 5)`` of ``x``'s compute dtype: ``x``'s, float32 for a half ``x``;
+    valid batch indices).
     """
 
     @staticmethod
@@ -140,18 +158,23 @@ def roi_pool_forward(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: int, 
                      with_argmax: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pooled output and argmax, on the device's implementation (see the module docstring).
 
-    Args: as :func:`roi_pooling_2d`, with ``rois`` already of ``x``'s dtype; ``with_argmax=False`` lets the
-        CPU path skip the argmax (the CUDA kernel always writes it).
+    Args: as :func:`roi_pooling_2d`, with ``rois`` already of ``x``'s dtype (for a half ``x``, any floating
+        dtype: converted to float32); ``with_argmax=False`` lets the CPU path skip the argmax (the CUDA kernel
+        always writes it).
 
     Returns:
         ``(y, argmax)``: ``(R, C, OH, OW)`` of ``x``'s dtype on ``x``'s device, and ``(R, C, OH, OW)`` int32
         on the device that computed it (the CPU for the fallback; :func:`roi_pool_backward` follows it).
     """
     if x.is_cuda and cupy_available():
-        if x.dtype != torch.float32:
-            raise TypeError(f"roi_pooling_2d: the CUDA kernels take float32, got x of {x.dtype}; cast x and "
-                            "rois with .float() (float64 runs on the CPU only)")
-        return roi_forward_cuda(x.contiguous(), rois.contiguous(), outh, outw, spatial_scale)
+        if x.dtype not in (torch.float32, *_HALF_DTYPES):
+            raise TypeError(f"roi_pooling_2d: the CUDA kernels take float32 (float16 and bfloat16 maps are "
+                            f"converted), got x of {x.dtype}; cast x and rois with .float() (float64 runs on "
+                            "the CPU only)")
+        # The kernels read float32: a half map is converted on the way in and the output on the way out.
+        y, argmax = roi_forward_cuda(x.float().contiguous(), rois.float().contiguous(), outh, outw,
+                                     spatial_scale)
+        return y.to(x.dtype), argmax
     if x.device.type == "cpu":
         return roi_pool_forward_cpu(x, rois, outh, outw, spatial_scale, with_argmax)
     warnings.warn(f"roi_pooling_2d: no CuPy kernel for a tensor on {x.device}; pooling on a CPU copy (slow). "
@@ -164,10 +187,13 @@ def roi_pool_backward(grad_y: torch.Tensor, rois: torch.Tensor, argmax: torch.Te
                       x_shape: tuple[int, int, int, int], spatial_scale: float) -> torch.Tensor:
     """Gradient w.r.t. ``x`` (shape ``x_shape`` = ``(N, C, H, W)``) from ``grad_y`` ``(R, C, OH, OW)``.
 
-    Runs where the forward's ``argmax`` lives (CUDA kernel or CPU); returns on ``grad_y``'s device.
+    Runs where the forward's ``argmax`` lives (CUDA kernel or CPU); returns on ``grad_y``'s device, in
+    ``grad_y``'s dtype (a half ``grad_y`` is summed in float32 and rounded once).
     """
     if argmax.is_cuda:
-        return roi_backward_cuda(grad_y.contiguous(), rois.contiguous(), argmax, x_shape, spatial_scale)
+        grad_x = roi_backward_cuda(grad_y.float().contiguous(), rois.float().contiguous(), argmax, x_shape,
+                                   spatial_scale)
+        return grad_x.to(grad_y.dtype)
     grad_x = roi_pool_backward_cpu(grad_y.to(argmax.device), rois.to(argmax.device), argmax, x_shape)
     return grad_x.to(grad_y.device)
 
@@ -181,13 +207,16 @@ def roi_pool_forward_cpu(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: i
     pooled value, whatever the channel count; the torch twin pays a fixed cost per roi, which dominates for
     the few channels of the toy model.
 
-    Args: as :func:`roi_pooling_2d`, with ``rois`` ``(R, 5)`` of ``x``'s dtype; ``with_argmax=False`` skips
-        the argmax (inference).
+    Args: as :func:`roi_pooling_2d`, with ``rois`` ``(R, 5)`` of ``x``'s dtype (for a half ``x``, any
+        floating dtype: both are pooled in float32); ``with_argmax=False`` skips the argmax (inference).
 
     Returns:
         ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
         None), on the CPU.
     """
+    if x.dtype in _HALF_DTYPES:
+        y, argmax = roi_pool_forward_cpu(x.float(), rois.float(), outh, outw, spatial_scale, with_argmax)
+        return y.to(x.dtype), argmax
     if _forward_nhwc_cython is None:
         return roi_pool_forward_torch(x, rois, outh, outw, spatial_scale, with_argmax)
     x_nhwc = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
@@ -213,13 +242,16 @@ def roi_pool_forward_torch(x: torch.Tensor, rois: torch.Tensor, outh: int, outw:
     (:func:`_pool_crops`): one pass over the crop, vectorised over channels, the first maximum winning as in
     the kernel. The other rois gather their bins explicitly (:func:`_pool_gather`).
 
-    Args: as :func:`roi_pooling_2d`, with ``rois`` ``(R, 5)`` of ``x``'s dtype; ``with_argmax=False`` skips
-        the argmax (inference).
+    Args: as :func:`roi_pooling_2d`, with ``rois`` ``(R, 5)`` of ``x``'s dtype (for a half ``x``, any
+        floating dtype: both are pooled in float32); ``with_argmax=False`` skips the argmax (inference).
 
     Returns:
         ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
         None), on the CPU.
     """
+    if x.dtype in _HALF_DTYPES:
+        y, argmax = roi_pool_forward_torch(x.float(), rois.float(), outh, outw, spatial_scale, with_argmax)
+        return y.to(x.dtype), argmax
     n_img, channels, height, width = x.shape
     shape = (rois.shape[0], channels, outh, outw)
     y = x.new_empty(shape)
@@ -267,8 +299,11 @@ def roi_pool_backward_cpu(grad_y: torch.Tensor, rois: torch.Tensor, argmax: torc
         x_shape: ``(N, C, H, W)``.
 
     Returns:
-        ``(N, C, H, W)`` tensor of ``grad_y``'s dtype; cells that no bin chose get 0.
+        ``(N, C, H, W)`` tensor of ``grad_y``'s dtype; cells that no bin chose get 0. A half ``grad_y`` is
+        summed in float32 and rounded once to its dtype.
     """
+    if grad_y.dtype in _HALF_DTYPES:
+        return roi_pool_backward_cpu(grad_y.float(), rois, argmax, x_shape).to(grad_y.dtype)
     n_img, channels, height, width = x_shape
     # Each (image, channel) plane gets one extra slot in front, which empty bins (argmax -1) feed and which
     # is dropped at the end: (N*C*(1 + H*W),). int32 indices where they fit (int64 arithmetic is slower).
@@ -425,15 +460,16 @@ def _check_geometry(outh, outw, spatial_scale) -> None:
 
 
 def _check_inputs(x, rois, outh, outw, spatial_scale) -> torch.Tensor:
-    """Validate the arguments of :func:`roi_pooling_2d`; return ``rois`` in ``x``'s dtype."""
+    """Validate the arguments of :func:`roi_pooling_2d`; return ``rois`` in the dtype ``x`` is pooled in:
+    ``x``'s, float32 for a half ``x`` (a coordinate rounded to float16 or bfloat16 could move its bins)."""
     _check_geometry(outh, outw, spatial_scale)
     if not isinstance(x, torch.Tensor) or not isinstance(rois, torch.Tensor):
         raise TypeError(f"roi_pooling_2d: x and rois must be torch tensors, got {type(x).__name__} and "
                         f"{type(rois).__name__}")
     if x.dim() != 4:
         raise ValueError(f"roi_pooling_2d: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"roi_pooling_2d: x must be float32 or float64, got {x.dtype}")
+    if x.dtype not in (*_HALF_DTYPES, torch.float32, torch.float64):
+        raise TypeError(f"roi_pooling_2d: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if rois.dim() != 2 or rois.shape[1] != 5:
         hint = " (prepend the batch index of each roi)" if rois.dim() == 2 and rois.shape[1] == 4 else ""
         raise ValueError("roi_pooling_2d: rois must be (R, 5) (batch_index, x_min, y_min, x_max, y_max), "
@@ -442,7 +478,7 @@ def _check_inputs(x, rois, outh, outw, spatial_scale) -> torch.Tensor:
         raise TypeError(f"roi_pooling_2d: rois must be a floating tensor, got {rois.dtype}")
     if rois.device != x.device:
         raise ValueError(f"roi_pooling_2d: rois on {rois.device} but x on {x.device}")
-    rois = rois.to(x.dtype)
+    rois = rois.to(_compute_dtype(x.dtype))
     if rois.shape[0]:
         index = rois[:, 0]
         bad = ~torch.isfinite(rois).all(1) | (index != torch.round(index)) | (index < 0) | (index >= len(x))

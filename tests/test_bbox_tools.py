@@ -56,6 +56,64 @@ def test_bbox_iou_empty_and_degenerate():
         bbox_iou(np.zeros((2, 3), np.float32), np.zeros((2, 4), np.float32))
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_bbox_iou_integer_boxes_give_float64(dtype):
+    rng = np.random.default_rng()
+    a = np.round(random_bbox(rng, 19, size=2000.0)).astype(dtype)  # areas up to 1e6: beyond int16, not int32
+    b = np.round(random_bbox(rng, 13, size=2000.0)).astype(dtype)
+    b[:3] = a[:3]
+    b[3] = a[3] + (0, 5, 0, 5)  # a shifted copy: a partial overlap
+    expected = np.array([[iou_reference(x.astype(np.float64), y.astype(np.float64)) for y in b] for x in a])
+    got = bbox_iou(a, b)
+    assert got.dtype == np.float64 and got.shape == (19, 13)
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
+    assert 0 < got[3, 3] < 1
+    # Integer pixels, worked by hand: 10 x 10 and 10 x 10 overlapping in 10 x 5: 50 / 150.
+    got = bbox_iou(np.array([[0, 0, 10, 10]], dtype), np.array([[0, 5, 10, 15], [20, 20, 30, 30]], dtype))
+    assert got.dtype == np.float64 and got.tolist() == [[1 / 3, 0.0]]
+
+
+def test_bbox_iou_float16_boxes_computed_in_float32():
+    """Boxes of a few hundred pixels: their float16 areas overflow (65504 is a 256-pixel square)."""
+    rng = np.random.default_rng()
+    tl = rng.uniform(0, 300, (29, 2))
+    a64 = np.concatenate((tl, tl + rng.uniform(400, 600, (29, 2))), axis=1)  # sides of ~500 px
+    b64 = a64[rng.permutation(29)[:17]] + rng.uniform(-60, 60, (17, 4))
+    a, b = a64.astype(np.float16), b64.astype(np.float16)
+    got = bbox_iou(a, b)
+    assert got.dtype == np.float32 and got.shape == (29, 17)
+    # Against float64 on the same (float16-rounded) coordinates: float32 arithmetic only.
+    expected = np.array([[iou_reference(x.astype(np.float64), y.astype(np.float64)) for y in b] for x in a])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert (got > 0.5).sum() >= 10  # the shifted copies overlap well
+    # Against the unrounded boxes: float16 spacing is 0.5 px at these coordinates, so each coordinate moves
+    # by at most 0.25 px, and the IoU of boxes with sides >= ~400 px by at most ~4 * 0.25 / 400 each way.
+    exact = np.array([[iou_reference(x, y) for y in b64] for x in a64])
+    np.testing.assert_allclose(got, exact, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype_a, dtype_b, expected", [
+    (np.float32, np.float32, np.float32),
+    (np.float64, np.float64, np.float64),
+    (np.float32, np.float64, np.float64),
+    (np.float16, np.float16, np.float32),
+    (np.float16, np.float32, np.float32),
+    (np.float16, np.float64, np.float64),
+    (np.int32, np.float32, np.float64),  # np.result_type: float64
+    (np.uint8, np.float16, np.float32),  # np.result_type: float16, computed in float32
+    (np.int64, np.int32, np.float64),
+    (np.bool_, np.bool_, np.float64),
+])
+def test_bbox_iou_output_dtype(dtype_a, dtype_b, expected):
+    a = np.array([[0, 0, 4, 4], [1, 1, 5, 3]]).astype(dtype_a)
+    b = np.array([[0, 2, 4, 6]]).astype(dtype_b)
+    got = bbox_iou(a, b)
+    assert got.dtype == expected
+    if dtype_a is not np.bool_:
+        # [0, 4] x [0, 4] and [0, 4] x [2, 6]: 8 / 24; [1, 5] x [1, 3] and [0, 4] x [2, 6]: 3 / (8 + 16 - 3)
+        np.testing.assert_allclose(got, [[1 / 3], [3 / 21]], rtol=1e-7)
+
+
 def test_bbox2loc_matches_formula_and_round_trips():
     rng = np.random.default_rng(2)
     src, dst = random_bbox(rng, 50), random_bbox(rng, 50)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from utils import eval_tool
 from utils.eval_tool import calc_detection_voc_ap, calc_detection_voc_prec_rec, eval_detection_voc
 
 # Integer boxes (y_min, x_min, y_max, x_max), inclusive pixel ranges: A and B are 10 x 10 pixels.
@@ -147,24 +148,110 @@ def test_class_without_gt_is_nan_and_left_out_of_map():
         eval_detection_voc(*args, n_class=2)
 
 
-def test_recall_exactly_on_an_11_point_threshold_counts():
-    # 10 gts, 3 found first: recall reaches exactly 3/10, so t = 0, 0.1, 0.2, 0.3 get precision 1:
-    # AP = 4/11 (np.arange(0, 1.1, 0.1)'s 0.30000000000000004 would have given 3/11).
+def test_11_point_thresholds_are_the_devkit_codes_floating_point_ones():
+    # np.arange(0., 1.1, 0.1) of voc_eval.py / ChainerCV / the original: start + k * step, so 0.3, 0.6 and
+    # 0.7 are one ulp above the doubles nearest 3/10, 6/10, 7/10; the other eight are those doubles.
+    thresholds = eval_tool._VOC07_RECALL_THRESHOLDS
+    assert thresholds.dtype == np.float64 and thresholds.tolist() == [k * 0.1 for k in range(11)]
+    assert thresholds[3] == 0.30000000000000004 > 3 / 10
+    assert thresholds[6] == 0.6000000000000001 > 6 / 10
+    assert thresholds[7] == 0.7000000000000001 > 7 / 10
+    assert [k for k in range(11) if thresholds[k] != k / 10] == [3, 6, 7]
+
+
+def test_recall_exactly_3_of_10_misses_the_devkit_threshold_0_3():
+    # 10 gts, 3 found and nothing else: rec 0.1, 0.2, 0.3, prec 1. The devkit's t = 0.30000000000000004 is
+    # above 3/10, so only t = 0, 0.1, 0.2 get precision 1: AP = 3/11 (exact k / 10 thresholds: 4/11).
     gt = boxes(*[[20 * i, 0, 20 * i + 9, 9] for i in range(10)])
     args = one_image(gt[:3], ints(0, 0, 0), floats(0.9, 0.8, 0.7), gt, ints(*[0] * 10))
-    assert eval_detection_voc(*args, use_07_metric=True)["map"] == pytest.approx(4 / 11)
+    assert eval_detection_voc(*args, use_07_metric=True)["map"] == pytest.approx(3 / 11, abs=1e-15)
+
+
+def test_recall_exactly_on_0_3_0_6_and_0_7_by_hand():
+    # 10 gts G0..G9 and 10 predictions, ranked by score 1.0, 0.9, ..., 0.1:
+    #   rank       1    2    3    4    5    6    7    8    9    10
+    #   on         G0   G1   G2   far  G3   G4   G5   far  G6   far
+    #   tp/fp      TP   TP   TP   FP   TP   TP   TP   FP   TP   FP
+    #   rec        .1   .2   .3   .3   .4   .5   .6   .6   .7   .7
+    #   prec       1    1    1    3/4  4/5  5/6  6/7  6/8  7/9  7/10
+    # Devkit thresholds (np.arange(0., 1.1, 0.1)), largest precision at rec >= t:
+    #   t = 0, 0.1, 0.2                -> 1    (rank 1-3)
+    #   t = 0.30000000000000004 > 0.3  -> 6/7  (rec 0.3 misses it: ranks 5-10, best rank 7)
+    #   t = 0.4, 0.5                   -> 6/7
+    #   t = 0.6000000000000001 > 0.6   -> 7/9  (rec 0.6 misses it: ranks 9-10)
+    #   t = 0.7000000000000001 > 0.7   -> 0    (no rank reaches it)
+    #   t = 0.8, 0.9, 1                -> 0
+    #   AP = (3 * 1 + 3 * 6/7 + 7/9) / 11 = (189 + 162 + 49) / 693 = 400/693
+    # Exact k / 10 would give (4 * 1 + 3 * 6/7 + 7/9) / 11 = 463/693, so each of 0.3, 0.6, 0.7 matters.
+    gt = [[20 * i, 0, 20 * i + 9, 9] for i in range(10)]
+    far = [[20 * i, 100, 20 * i + 9, 109] for i in range(3)]
+    pred = [gt[0], gt[1], gt[2], far[0], gt[3], gt[4], gt[5], far[1], gt[6], far[2]]
+    score = np.arange(10, 0, -1, dtype=np.float32) / 10
+    args = one_image(boxes(*pred), ints(*[0] * 10), score, boxes(*gt), ints(*[0] * 10))
+    prec, rec = calc_detection_voc_prec_rec(*args)
+    np.testing.assert_array_equal(rec[0], np.array([1, 2, 3, 3, 4, 5, 6, 6, 7, 7]) / 10)  # exactly k / 10
+    np.testing.assert_allclose(prec[0], [1, 1, 1, 3 / 4, 4 / 5, 5 / 6, 6 / 7, 6 / 8, 7 / 9, 7 / 10])
+    assert calc_detection_voc_ap(prec, rec, use_07_metric=True)[0] == pytest.approx(400 / 693, abs=1e-15)
+    assert eval_detection_voc(*args, use_07_metric=True)["map"] == pytest.approx(400 / 693, abs=1e-15)
 
 
 def test_input_errors():
     good = (boxes(A), ints(0), floats(0.5))
-    with pytest.raises(ValueError, match="different numbers of images"):
+    with pytest.raises(ValueError, match="different numbers of images: pred_bboxes 1, .*gt_bboxes 2"):
         eval_detection_voc([good[0]], [good[1]], [good[2]], [boxes(A), boxes(B)], [ints(0), ints(0)])
-    with pytest.raises(ValueError, match="different numbers of images"):
+    with pytest.raises(ValueError, match="different numbers of images: .*gt_labels 1, gt_difficults 0"):
         eval_detection_voc([good[0]], [good[1]], [good[2]], [boxes(A)], [ints(0)], gt_difficults=[])
     with pytest.raises(ValueError, match="image 0"):
         eval_detection_voc([boxes(A, B)], [ints(0)], [floats(0.5)], [boxes(A)], [ints(0)])
     with pytest.raises(ValueError, match="negative label"):
         eval_detection_voc([boxes(A)], [ints(-1)], [floats(0.5)], [boxes(A)], [ints(0)])
+
+
+def two_image_scene():
+    """Two images, two classes, a difficult box: ``(pred_bboxes, pred_labels, pred_scores, gt_bboxes,
+    gt_labels, gt_difficults)`` as lists."""
+    return ([boxes(A, FAR, B), boxes(B, A)], [ints(0, 0, 1), ints(1, 0)],
+            [floats(0.9, 0.8, 0.7), floats(0.6, 0.5)], [boxes(A, B), boxes(A, B)], [ints(0, 1), ints(0, 1)],
+            [np.array([False, False]), np.array([False, True])])
+
+
+@pytest.mark.parametrize("with_difficult", [True, False])
+def test_generators_give_what_lists_give(with_difficult):
+    # Class 0 (gts: A in both images): 0.9 on A (TP), 0.8 far (FP), 0.5 on A in image 2 (TP): prec 1, 1/2,
+    # 2/3; rec 1/2, 1/2, 1. Class 1 (gts: B, and B difficult in image 2 when flagged): 0.7 on B (TP), 0.6 on
+    # the difficult B (ignored; TP without the flag).
+    scene = two_image_scene()
+    if not with_difficult:
+        scene = scene[:5]
+    expected = eval_detection_voc(*scene, use_07_metric=True)
+    prec_list, rec_list = calc_detection_voc_prec_rec(*scene)
+    result = eval_detection_voc(*((a for a in x) for x in scene), use_07_metric=True)
+    prec, rec = calc_detection_voc_prec_rec(*(iter(x) for x in scene))
+    np.testing.assert_array_equal(result["ap"], expected["ap"])
+    assert result["map"] == expected["map"]
+    for got, want in zip(prec + rec, prec_list + rec_list, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(prec[0], [1, 1 / 2, 2 / 3])
+    np.testing.assert_allclose(rec[0], [1 / 2, 1 / 2, 1])
+    np.testing.assert_allclose(rec[1], [1, 1] if with_difficult else [1 / 2, 1])
+    # 11-point, class 0: t = 0 ... 0.5 -> 1, t = 0.6 ... 1 -> 2/3: (6 + 5 * 2/3) / 11 = 28/33. Class 1:
+    # precision 1 up to recall 1 either way: 1.
+    np.testing.assert_allclose(result["ap"], [28 / 33, 1.0])
+
+
+def test_generators_of_different_lengths_raise_naming_them():
+    scene = two_image_scene()
+    short = (iter(x) for x in scene[:3])
+    with pytest.raises(ValueError, match="different numbers of images: gt_bboxes 1, pred_bboxes, "
+                                         "pred_labels, pred_scores, gt_labels, gt_difficults more than 1"):
+        eval_detection_voc(*short, (b for b in scene[3][:1]), *(iter(x) for x in scene[4:]))
+    with pytest.raises(ValueError, match="different numbers of images: gt_difficults 0, pred_bboxes"):
+        calc_detection_voc_prec_rec(*(iter(x) for x in scene[:5]), iter([]))
+    # A list against a generator: the list's length is known, the generator's is found when it ends.
+    with pytest.raises(ValueError, match="pred_scores 1, .* more than 1"):
+        eval_detection_voc(*scene[:2], iter(scene[2][:1]), *scene[3:])
+    with pytest.raises(ValueError, match="pred_labels, pred_scores, gt_bboxes 2, gt_labels more than 2"):
+        eval_detection_voc(*scene[:4], iter(scene[4] * 2))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,7 +301,8 @@ def devkit_ap(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_di
     if use_07:
         ap = 0.0
         for k in range(11):
-            p = [pr for pr, r in zip(prec, rec, strict=True) if r >= k / 10 and not np.isnan(pr)]
+            t = k * 0.1  # np.arange(0., 1.1, 0.1)'s start + k * step: 0.30000000000000004 for k = 3
+            p = [pr for pr, r in zip(prec, rec, strict=True) if r >= t and not np.isnan(pr)]
             ap += (max(p) if p else 0.0) / 11
         return ap
     mrec = [0.0, *rec, 1.0]

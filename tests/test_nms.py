@@ -252,6 +252,30 @@ def test_array_inputs_of_other_layouts_and_dtypes():
     assert empty.dtype == np.int32 and empty.shape == (0,)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_boxes_and_scores(dtype):
+    """float16 / bfloat16 tensors (numpy has no bfloat16) are ranked and compared in float32, which holds
+    their values exactly: the float32 reference on the same values. bfloat16 scores tie often (8 bits):
+    ties keep the lower index first."""
+    rng = np.random.default_rng()
+    bbox = torch.from_numpy(rpn_like_bbox(rng, 600)).to(dtype)
+    score = torch.from_numpy(rng.random(600).astype(np.float32)).to(dtype)
+    bbox32, score32 = bbox.float().numpy(), score.float().numpy()
+    assert len(np.unique(score32)) < 600  # ties
+    for thresh in (0.3, 0.7):
+        expected = nms_reference(bbox32, thresh, score32)
+        assert 10 < len(expected) < 600
+        for b, s in ((bbox, score), (bbox.requires_grad_(), score.float()), (bbox, score32)):
+            keep = non_maximum_suppression(b, thresh, s)
+            assert keep.dtype == torch.int64
+            np.testing.assert_array_equal(keep.numpy(), expected)
+        keep = non_maximum_suppression(bbox, thresh)  # input order
+        np.testing.assert_array_equal(keep.numpy(), nms_reference(bbox32, thresh))
+    if dtype == torch.float16:  # numpy float16 arrays too
+        keep = non_maximum_suppression(bbox.detach().numpy(), 0.7, score.numpy())
+        np.testing.assert_array_equal(keep, nms_reference(bbox32, 0.7, score32))
+
+
 @pytest.mark.parametrize("make", [np.zeros, torch.zeros], ids=["numpy", "torch"])
 def test_bad_shapes_are_named(make):
     for shape in ((5, 3), (4,), (2, 4, 1)):

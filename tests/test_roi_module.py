@@ -357,6 +357,204 @@ def test_crop_and_gather_strategies_agree():
     assert (y_crop[others] == 99).all() and (argmax_crop[others] == 99).all()  # only the rows asked for
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Half precision features: pooled in float32, returned (and differentiated) in their own dtype
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("outh, outw, spatial_scale, shape", CASES)
+def test_half_forward_is_the_float32_forward_of_the_same_values(dtype, outh, outw, spatial_scale, shape,
+                                                                 cpu_forward):
+    """Max pooling only selects: the pooled values and argmax of a half map are exactly those of its float32
+    copy (which the float32 tests check against the reference and torchvision), and come back in its dtype."""
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    x[:, :, ::2] = torch.round(x[:, :, ::2])  # ties: the first maximum wins
+    rois = torch.from_numpy(random_rois(rng, 64, shape[0], shape[2], shape[3], spatial_scale))
+    y32, argmax32 = roi_pool_forward_cpu(x.float(), rois, outh, outw, spatial_scale)
+    y_tv32, argmax_tv32 = torchvision_roi_pool(x.float(), rois, outh, outw, spatial_scale)
+    for xv in (x, x.contiguous(memory_format=torch.channels_last)):
+        y, argmax = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale)
+        assert y.dtype == dtype and y.is_contiguous() and argmax.dtype == torch.int32
+        assert torch.equal(y.float(), y32) and torch.equal(argmax, argmax32)
+        assert torch.equal(y.float(), y_tv32) and torch.equal(argmax, argmax_tv32)
+        assert torch.equal(roi_pool_forward_torch(xv, rois, outh, outw, spatial_scale)[0], y)
+        y_only, none = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale, with_argmax=False)
+        assert none is None and torch.equal(y_only, y)
+    y = roi_pooling_2d(x, rois.double(), outh, outw, spatial_scale)  # rois of any floating dtype
+    assert y.dtype == dtype and torch.equal(y.float(), y32)
+    assert (argmax32 == -1).any() and (argmax32 >= 0).any()
+
+
+def test_float16_forward_matches_torchvision_float16(cpu_forward):
+    """torchvision's CPU kernel takes float16 (not bfloat16) but computes the roi corners and bins in float16
+    too, so it only agrees where float16 arithmetic gives float32's cells: the VGG head's 7 x 7 bins at 1/16
+    on a small map, rois on float16 coordinates. (Elsewhere our bins are float32's, as the float32 map's:
+    ``test_half_forward_is_the_float32_forward_of_the_same_values``.)"""
+    outh, outw, spatial_scale, shape = CASES[0]
+    # Here rois span at most 28 cells; float16 bins of 1/7 first differ from float32's at 29 (and 57, 58).
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).half()
+    rois = torch.from_numpy(random_rois(rng, 200, shape[0], shape[2], shape[3], spatial_scale)).half()
+    y, argmax = roi_pool_forward_cpu(x, rois, outh, outw, spatial_scale)
+    y_tv, argmax_tv = torchvision_roi_pool(x, rois, outh, outw, spatial_scale)
+    assert y_tv.dtype == torch.float16
+    assert torch.equal(y, y_tv) and torch.equal(argmax, argmax_tv)
+    # The gradient: torchvision's float16 backward sums in float16 (a rounding per addition: up to 5% off here
+    # where 200 rois overlap), ours in float32 with one rounding at the end, so ours is torchvision's float32
+    # gradient rounded to float16 (up to the float32 summation order: one float16 rounding apart).
+    x_ours, x_tv = x.clone().requires_grad_(), x.float().requires_grad_()
+    grad_y = torch.randn(200, shape[1], outh, outw).half()
+    roi_pooling_2d(x_ours, rois, outh, outw, spatial_scale).backward(grad_y)
+    torchvision.ops.roi_pool(x_tv, rois.float(), (outh, outw), spatial_scale).backward(grad_y.float())
+    assert x_ours.grad.dtype == torch.float16
+    torch.testing.assert_close(x_ours.grad.float(), x_tv.grad.half().float(), rtol=2**-10, atol=1e-6)
+    assert (x_ours.grad != 0).sum() > 50
+
+
+@pytest.mark.parametrize("dtype, coordinate", [
+    (torch.float16, 2055.0),  # float16 has 2056: 2055/16 = 128.4375 -> cell 128, 2056/16 = 128.5 -> 129
+    (torch.bfloat16, 1031.0),  # bfloat16 has 1032: 1031/16 = 64.4375 -> cell 64, 1032/16 = 64.5 -> 65
+])
+def test_half_map_pools_rois_at_float32_coordinates(dtype, coordinate, cpu_forward):
+    """A roi coordinate that the half dtype cannot hold: the bins are those of the float32 map (its
+    coordinates are converted to float32, not rounded to the map's dtype), whatever the rois' dtype."""
+    rounded = float(torch.tensor(coordinate).to(dtype))
+    assert c_round(coordinate / 16) + 1 == c_round(rounded / 16)  # rounding to the dtype would move a cell
+    x = torch.arange(140.0).repeat(1, 1, 3, 1).to(dtype)  # (1, 1, 3, 140), value = column (exact up to 256)
+    x.requires_grad_()
+    for rois_dtype in (torch.float32, torch.float64):
+        rois = torch.tensor([[0, coordinate, 0, coordinate, 40]], dtype=rois_dtype)  # one column
+        assert roi_module._check_inputs(x, rois, 1, 1, 1 / 16).dtype == torch.float32
+        y = roi_pooling_2d(x, rois, 2, 1, 1 / 16)
+        y_float32 = roi_pooling_2d(x.detach().float(), rois, 2, 1, 1 / 16)
+        assert y.dtype == dtype and torch.equal(y.float(), y_float32)
+        assert y.flatten().tolist() == [c_round(coordinate / 16)] * 2
+        x.grad = None
+        y.sum().backward()
+        assert x.grad.dtype == dtype and x.grad[0, 0, :, c_round(coordinate / 16)].sum() == 2
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("outh, outw, spatial_scale, shape", CASES)
+def test_half_backward_is_the_float32_backward_rounded_once(dtype, outh, outw, spatial_scale, shape,
+                                                             cpu_forward):
+    """The gradient w.r.t. a half map: the float32 gradient (summed in float32) of the same values, rounded to
+    the map's dtype once; against the float64 reference within that one rounding."""
+    rng = np.random.default_rng()
+    x = torch.from_numpy(distinct_map(rng, shape)).to(dtype)  # bfloat16 rounds some to ties: the first wins
+    rois = torch.from_numpy(random_rois(rng, 80, shape[0], shape[2], shape[3], spatial_scale))
+    grad_y = torch.from_numpy(rng.standard_normal((80, shape[1], outh, outw)).astype(np.float32)).to(dtype)
+
+    x_half, x_float = x.clone().requires_grad_(), x.float().requires_grad_()
+    roi_pooling_2d(x_half, rois, outh, outw, spatial_scale).backward(grad_y)
+    roi_pooling_2d(x_float, rois, outh, outw, spatial_scale).backward(grad_y.float())
+    assert x_half.grad.dtype == dtype and x_float.grad.dtype == torch.float32
+    assert torch.equal(x_half.grad, x_float.grad.to(dtype))
+    _, argmax = reference_forward(x.float().numpy(), rois.numpy(), outh, outw, spatial_scale)
+    grad_ref = reference_backward(grad_y.float().numpy(), rois.numpy(), argmax, shape)
+    eps = torch.finfo(dtype).eps  # one rounding of the float64 sum to the dtype: half an ulp, <= eps / 2
+    np.testing.assert_allclose(x_half.grad.double().numpy(), grad_ref, rtol=eps / 2 + 1e-6, atol=1e-6)
+    summed = (grad_ref != 0) & ~np.isin(grad_ref, grad_y.double().numpy())  # cells chosen by several bins
+    assert summed.sum() > 5
+    direct = roi_pool_backward_cpu(grad_y, rois, torch.from_numpy(argmax), shape)  # the backward alone
+    assert direct.dtype == dtype and torch.equal(direct, x_float.grad.to(dtype))
+
+
+def test_head_forward_under_bfloat16_autocast(cpu_forward):
+    """``torch.autocast('cpu', dtype=torch.bfloat16)``: a convolution gives a bfloat16 map, RoI pooling keeps
+    it, a Linear takes it; forward and backward run, and the pooled values are the float32 pooling's."""
+    torch.manual_seed(0)
+    conv, pool = torch.nn.Conv2d(3, 8, 3, padding=1), RoIPooling2D(7, 7, 1 / 16)
+    fc = torch.nn.Linear(8 * 49, 5)
+    img = torch.randn(2, 3, 9, 12)
+    rois = torch.from_numpy(random_rois(np.random.default_rng(0), 16, 2, 9, 12, 1 / 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feature = conv(img)
+        pooled = pool(feature, rois)
+        out = fc(pooled.flatten(1))
+    assert feature.dtype == pooled.dtype == out.dtype == torch.bfloat16 and out.shape == (16, 5)
+    assert torch.equal(pooled.float(), roi_pooling_2d(feature.detach().float(), rois, 7, 7, 1 / 16))
+    out.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+    assert (conv.weight.grad != 0).any()
+
+
+class _PretendCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: drives the CuPy branch of ``roi_pool_forward`` and
+    ``roi_pool_backward`` without a GPU (the kernels are replaced by the CPU path in the test below)."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("dtype", HALF + [torch.float32])
+def test_cuda_branch_hands_the_float32_kernels_float32_and_returns_the_maps_dtype(dtype, monkeypatch):
+    """No GPU needed: the CuPy launchers are replaced by recorders that run the CPU path, so this checks what
+    the CUDA branch hands them (float32, contiguous) and returns (the map's dtype), forward and backward."""
+    calls = []
+
+    def forward(x, rois, outh, outw, spatial_scale):
+        calls.append(("forward", x.dtype, rois.dtype, x.is_contiguous(), rois.is_contiguous()))
+        y, argmax = roi_pool_forward_cpu(x.as_subclass(torch.Tensor), rois.as_subclass(torch.Tensor), outh,
+                                         outw, spatial_scale)
+        assert y.dtype == torch.float32  # what the kernel writes
+        return y.as_subclass(_PretendCuda), argmax.as_subclass(_PretendCuda)
+
+    def backward(grad_y, rois, argmax, x_shape, spatial_scale):
+        calls.append(("backward", grad_y.dtype, rois.dtype, grad_y.is_contiguous(), rois.is_contiguous()))
+        grad_x = roi_pool_backward_cpu(grad_y.as_subclass(torch.Tensor), rois.as_subclass(torch.Tensor),
+                                       argmax.as_subclass(torch.Tensor), x_shape)
+        return grad_x.as_subclass(_PretendCuda)
+
+    monkeypatch.setattr(roi_module, "cupy_available", lambda: True)
+    monkeypatch.setattr(roi_module, "roi_forward_cuda", forward)
+    monkeypatch.setattr(roi_module, "roi_backward_cuda", backward)
+    outh, outw, spatial_scale, shape = CASES[0]
+    rng = np.random.default_rng()
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    rois = torch.from_numpy(random_rois(rng, 30, shape[0], shape[2], shape[3], spatial_scale))
+    grad_y = torch.randn(30, shape[1], outh, outw).to(dtype)
+    x_fake = x.transpose(2, 3).contiguous().transpose(2, 3).as_subclass(_PretendCuda).requires_grad_()
+    assert x_fake.is_cuda and not x_fake.is_contiguous()
+    y = roi_pooling_2d(x_fake, rois.double().as_subclass(_PretendCuda), outh, outw, spatial_scale)
+    y.backward(grad_y.as_subclass(_PretendCuda))
+    assert calls == [("forward", torch.float32, torch.float32, True, True),
+                     ("backward", torch.float32, torch.float32, True, True)]
+    y_cpu, argmax_cpu = roi_pool_forward_cpu(x, rois, outh, outw, spatial_scale)
+    assert y.dtype == dtype and torch.equal(y.as_subclass(torch.Tensor), y_cpu)
+    grad_cpu = roi_pool_backward_cpu(grad_y, rois, argmax_cpu, shape)
+    assert x_fake.grad.dtype == dtype and torch.equal(x_fake.grad.as_subclass(torch.Tensor), grad_cpu)
+    with pytest.raises(TypeError, match="CUDA kernels take float32"):
+        roi_pooling_2d(x.double().as_subclass(_PretendCuda), rois.double().as_subclass(_PretendCuda), outh,
+                       outw, spatial_scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_on_device_matches_cpu_path(device, dtype):
+    """``cuda``: the float32 CuPy kernels behind half maps (converted on the way in and out) against the CPU
+    path; ``cpu``: the public entries."""
+    outh, outw, spatial_scale, shape = CASES[0]
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+    rois = torch.from_numpy(random_rois(rng, 40, shape[0], shape[2], shape[3], spatial_scale))
+    grad_y = torch.randn(40, shape[1], outh, outw).to(dtype)
+    y_cpu, argmax_cpu = roi_pool_forward_cpu(x, rois, outh, outw, spatial_scale)
+    grad_cpu = roi_pool_backward_cpu(grad_y, rois, argmax_cpu, tuple(x.shape))
+
+    y, argmax = roi_pool_forward(x.to(device), rois.to(device), outh, outw, spatial_scale)
+    assert y.device.type == device and y.dtype == dtype
+    assert torch.equal(y.cpu(), y_cpu) and torch.equal(argmax.cpu(), argmax_cpu)
+    xd = x.to(device).requires_grad_()
+    roi_pooling_2d(xd, rois.to(device), outh, outw, spatial_scale).backward(grad_y.to(device))
+    assert xd.grad.device.type == device and xd.grad.dtype == dtype
+    torch.testing.assert_close(xd.grad.cpu().float(), grad_cpu.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_module(cpu_forward):
     pool = RoIPooling2D(7, 7, 1 / 16)
     assert "outh=7" in repr(pool)
@@ -370,7 +568,8 @@ def test_module(cpu_forward):
     ((torch.randn(2, 3, 4), torch.zeros(1, 5)), ValueError, r"x must be \(N, C, H, W\)"),
     ((torch.randn(1, 3, 4, 4), torch.zeros(1, 4)), ValueError, "prepend the batch index"),
     ((torch.randn(1, 3, 4, 4), torch.zeros(5)), ValueError, r"rois must be \(R, 5\)"),
-    ((torch.randn(1, 3, 4, 4).half(), torch.zeros(1, 5)), TypeError, "float32 or float64"),
+    ((torch.zeros(1, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 5)), TypeError,
+     "float16, bfloat16, float32 or float64"),
     ((torch.randn(1, 3, 4, 4), torch.zeros(1, 5, dtype=torch.int64)), TypeError, "floating"),
     ((torch.randn(1, 3, 4, 4), torch.tensor([[1.0, 0, 0, 5, 5]])), ValueError, r"integer in \[0, 1\)"),
     ((torch.randn(2, 3, 4, 4), torch.tensor([[0.5, 0, 0, 5, 5]])), ValueError, "roi 0"),

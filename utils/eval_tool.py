@@ -12,41 +12,52 @@ false positive. Difficult boxes do not count in the number of positives. The IoU
 project, treats boxes as inclusive integer pixel ranges: the devkit's "+1" on widths and heights.
 """
 
+import itertools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 
 import numpy as np
 
 __all__ = ["eval_detection_voc", "calc_detection_voc_prec_rec", "calc_detection_voc_ap"]
 
-# Recall thresholds of the VOC2007 11-point metric, k / 10 exactly (np.arange(0, 1.1, 0.1), which the
-# original used, gives 0.30000000000000004 for 0.3, so a recall of exactly 3/10 missed that point).
-_VOC07_RECALL_THRESHOLDS = np.arange(11) / 10.0
+# Recall thresholds of the VOC2007 11-point metric: the floating-point sequence np.arange(0., 1.1, 0.1) of
+# py-faster-rcnn's voc_eval.py, ChainerCV and the original simple-faster-rcnn-pytorch, not k / 10 exactly.
+# Its values 3, 6 and 7 are 0.30000000000000004, 0.6000000000000001 and 0.7000000000000001, so a recall of
+# exactly 3/10, 6/10 or 7/10 does not reach that point. The benchmark is defined by the evaluation code that
+# produced the published figures, quirks included (exact k / 10 would be a corrected variant, and would not
+# compare with them). The MATLAB devkit's `for t=0:0.1:1` (VOCevaldet.m) has the same 0.30000000000000004;
+# MATLAB's colon operator builds the upper half of a range down from its end, which by MathWorks' description
+# of it gives 0.6 and 0.7 there (it differs from these thresholds only for a recall of exactly 0.6 or 0.7).
+_VOC07_RECALL_THRESHOLDS = np.arange(0.0, 1.1, 0.1)
 
 
 def eval_detection_voc(
-    pred_bboxes: Sequence[np.ndarray],
-    pred_labels: Sequence[np.ndarray],
-    pred_scores: Sequence[np.ndarray],
-    gt_bboxes: Sequence[np.ndarray],
-    gt_labels: Sequence[np.ndarray],
-    gt_difficults: Sequence[np.ndarray] | None = None,
+    pred_bboxes: Iterable[np.ndarray],
+    pred_labels: Iterable[np.ndarray],
+    pred_scores: Iterable[np.ndarray],
+    gt_bboxes: Iterable[np.ndarray],
+    gt_labels: Iterable[np.ndarray],
+    gt_difficults: Iterable[np.ndarray] | None = None,
     iou_thresh: float = 0.5,
     use_07_metric: bool = False,
     n_class: int | None = None,
 ) -> dict:
     """Average precision of each class and their mean, as the Pascal VOC devkit computes them.
 
+    Each image-wise input is an iterable of ``N`` arrays, one per image, in the same image order: a list, a
+    tuple, or a generator (read once, image by image, so predictions can be made while evaluating).
+
     Args:
-        pred_bboxes: ``N`` arrays ``(R, 4)``, predicted boxes of each image.
-        pred_labels: ``N`` int arrays ``(R,)``.
-        pred_scores: ``N`` float arrays ``(R,)``, higher is more confident.
-        gt_bboxes: ``N`` arrays ``(G, 4)``, ground-truth boxes.
-        gt_labels: ``N`` int arrays ``(G,)``.
-        gt_difficults: ``N`` bool arrays ``(G,)``; ``None`` means nothing is difficult.
+        pred_bboxes: iterable of ``N`` arrays ``(R, 4)``, predicted boxes of each image.
+        pred_labels: iterable of ``N`` int arrays ``(R,)``.
+        pred_scores: iterable of ``N`` float arrays ``(R,)``, higher is more confident.
+        gt_bboxes: iterable of ``N`` arrays ``(G, 4)``, ground-truth boxes.
+        gt_labels: iterable of ``N`` int arrays ``(G,)``.
+        gt_difficults: iterable of ``N`` bool arrays ``(G,)``; ``None`` means nothing is difficult.
         iou_thresh: smallest IoU of a true positive.
         use_07_metric: VOC2007's 11-point AP instead of the area under the precision/recall curve
-            (VOC2010 and later).
+            (VOC2010 and later). Its recall thresholds are the reference evaluators' floating-point ones,
+            see :func:`calc_detection_voc_ap`.
         n_class: number of classes; ``None`` means one more than the largest label among predictions and
             ground truth. Given, every class in ``range(n_class)`` gets an entry, also one that appears
             nowhere (its AP is NaN), and larger labels are an error.
@@ -56,8 +67,9 @@ def eval_detection_voc(
         boxes aside) has AP NaN and is left out of the mean; ``map`` is NaN when every class is.
 
     Raises:
-        ValueError: inputs of different lengths or inconsistent shapes, a negative label, or a label
-            ``>= n_class``.
+        ValueError: inputs holding different numbers of images (inputs with a length are compared before
+            any image is read; an iterator that ends early is found when it ends), inconsistent shapes, a
+            negative label, or a label ``>= n_class``.
     """
     prec, rec = calc_detection_voc_prec_rec(
         pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_difficults,
@@ -124,18 +136,18 @@ def _match_image(pred_bbox, pred_score, gt_bbox, gt_difficult, iou_thresh) -> np
 
 
 def calc_detection_voc_prec_rec(
-    pred_bboxes: Sequence[np.ndarray],
-    pred_labels: Sequence[np.ndarray],
-    pred_scores: Sequence[np.ndarray],
-    gt_bboxes: Sequence[np.ndarray],
-    gt_labels: Sequence[np.ndarray],
-    gt_difficults: Sequence[np.ndarray] | None = None,
+    pred_bboxes: Iterable[np.ndarray],
+    pred_labels: Iterable[np.ndarray],
+    pred_scores: Iterable[np.ndarray],
+    gt_bboxes: Iterable[np.ndarray],
+    gt_labels: Iterable[np.ndarray],
+    gt_difficults: Iterable[np.ndarray] | None = None,
     iou_thresh: float = 0.5,
     n_class: int | None = None,
 ) -> tuple[list, list]:
     """Precision and recall of each class at every rank of its predictions (all images pooled).
 
-    Arguments as in :func:`eval_detection_voc`.
+    Arguments as in :func:`eval_detection_voc` (iterables of arrays, generators included).
 
     Returns:
         ``(prec, rec)``, two lists of ``n_class`` entries. For class ``l`` with ``K`` predictions (ranked
@@ -148,22 +160,18 @@ def calc_detection_voc_prec_rec(
     Raises:
         ValueError: see :func:`eval_detection_voc`.
     """
-    inputs = [pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels]
+    inputs = {"pred_bboxes": pred_bboxes, "pred_labels": pred_labels, "pred_scores": pred_scores,
+              "gt_bboxes": gt_bboxes, "gt_labels": gt_labels}
     if gt_difficults is not None:
-        inputs.append(gt_difficults)
-    lengths = [len(x) for x in inputs]
-    if len(set(lengths)) != 1:
-        raise ValueError(f"the inputs hold different numbers of images: {lengths}")
-    if gt_difficults is None:
-        gt_difficults = [np.zeros(len(label), dtype=bool) for label in gt_labels]
+        inputs["gt_difficults"] = gt_difficults
 
     n_pos = defaultdict(int)
     scores = defaultdict(list)
     matches = defaultdict(list)
     max_label = -1
-    for i, arrays in enumerate(
-            zip(pred_bboxes, pred_labels, pred_scores, gt_bboxes, gt_labels, gt_difficults, strict=True)):
-        pred_bbox, pred_label, pred_score, gt_bbox, gt_label, gt_difficult = (np.asarray(a) for a in arrays)
+    for i, arrays in enumerate(_per_image(inputs)):
+        pred_bbox, pred_label, pred_score, gt_bbox, gt_label, *difficult = (np.asarray(a) for a in arrays)
+        gt_difficult = difficult[0] if difficult else np.zeros(len(gt_label), dtype=bool)
         # An empty image may come as a (0,) array; make it (0, 4).
         pred_bbox = pred_bbox.reshape(-1, 4) if pred_bbox.size == 0 else pred_bbox
         gt_bbox = gt_bbox.reshape(-1, 4) if gt_bbox.size == 0 else gt_bbox
@@ -201,11 +209,42 @@ def calc_detection_voc_prec_rec(
     return prec, rec
 
 
+def _per_image(inputs: dict[str, Iterable]) -> Iterator[tuple]:
+    """The inputs' arrays image by image, as ``zip`` does, raising on inputs of different lengths.
+
+    Args:
+        inputs: name -> iterable of per-image arrays.
+
+    Yields:
+        One tuple per image, an array of each input in ``inputs``' order.
+
+    Raises:
+        ValueError: the inputs hold different numbers of images, naming them. Those with a length are
+            compared before anything is read; an iterator that ends before the others is found when it ends
+            (the others are not read to the end to count them: they may be running a model).
+    """
+    lengths = {name: len(x) for name, x in inputs.items() if isinstance(x, Sized)}
+    if len(set(lengths.values())) > 1:
+        counts = ", ".join(f"{name} {n}" for name, n in lengths.items())
+        raise ValueError(f"the inputs hold different numbers of images: {counts}")
+    end = object()
+    for i, arrays in enumerate(itertools.zip_longest(*inputs.values(), fillvalue=end)):
+        ended = [name for name, a in zip(inputs, arrays, strict=True) if a is end]
+        if ended:
+            more = [name for name in inputs if name not in ended]
+            raise ValueError(f"the inputs hold different numbers of images: {', '.join(ended)} {i}, "
+                             f"{', '.join(more)} more than {i}")
+        yield arrays
+
+
 def calc_detection_voc_ap(prec: Sequence, rec: Sequence, use_07_metric: bool = False) -> np.ndarray:
     """Average precision of each class from its precision/recall curve.
 
     * VOC2007 (``use_07_metric=True``): the mean over the 11 recall thresholds ``t = 0, 0.1, ..., 1`` of
-      the largest precision at a recall ``>= t`` (0 when no rank reaches ``t``).
+      the largest precision at a recall ``>= t`` (0 when no rank reaches ``t``). The thresholds are those of
+      the reference evaluators (py-faster-rcnn's voc_eval.py, ChainerCV, the original),
+      ``np.arange(0., 1.1, 0.1)``, whose 0.3, 0.6 and 0.7 lie just above those numbers: a recall of exactly
+      3/10 does not reach ``t = 0.3``, as in the figures they published (see ``_VOC07_RECALL_THRESHOLDS``).
     * Otherwise (VOC2010 and later): the area under the curve after making precision non-increasing in
       recall, ``sum_k (r_k - r_{k-1}) * max_{j >= k} p_j`` with ``r_0 = 0``.
 

@@ -95,20 +95,29 @@ def bbox2loc(src_bbox, dst_bbox):
 def bbox_iou(bbox_a, bbox_b):
     """Intersection over union of every pair of boxes.
 
+    Output dtype: ``np.result_type`` of the inputs, except that integers (and bools) give float64 (numpy's
+    usual promotion of a division) and float16 gives float32 (float16 areas overflow at 65504, a 256-pixel
+    square). A float32 or float64 input is used as it is, so float32 boxes are computed in float32 (the
+    target creators' case) and a float32 input next to a float64 one keeps its own areas in float32, numpy's
+    mixed arithmetic; any other input is converted to the output dtype first.
+
     Args:
-        bbox_a: ``(R, 4)`` float array, ``(y_min, x_min, y_max, x_max)``.
-        bbox_b: ``(K, 4)`` float array, same order.
+        bbox_a: ``(R, 4)`` array, ``(y_min, x_min, y_max, x_max)``; float32 in the model, any real dtype.
+        bbox_b: ``(K, 4)`` array, same order.
 
     Returns:
-        ``(R, K)`` array; element ``(i, k)`` is the IoU of ``bbox_a[i]`` and ``bbox_b[k]``. Boxes that only
-        touch (or do not meet) have IoU 0; two empty boxes give 0, not NaN.
+        ``(R, K)`` array of the dtype above; element ``(i, k)`` is the IoU of ``bbox_a[i]`` and
+        ``bbox_b[k]``. Boxes that only touch (or do not meet) have IoU 0; two empty boxes give 0, not NaN.
 
     Raises:
         IndexError: when either input does not have 4 columns.
     """
+    bbox_a, bbox_b = np.asarray(bbox_a), np.asarray(bbox_b)
     if bbox_a.ndim != 2 or bbox_a.shape[1] != 4 or bbox_b.ndim != 2 or bbox_b.shape[1] != 4:
         raise IndexError(
             f"bbox_iou wants two (R, 4) arrays, got shapes {bbox_a.shape} and {bbox_b.shape}")
+    dtype = _iou_dtype(np.result_type(bbox_a, bbox_b))
+    bbox_a, bbox_b = (b if b.dtype in (np.float32, np.float64) else b.astype(dtype) for b in (bbox_a, bbox_b))
     # (R, K, 2): top-left and bottom-right corners of each intersection.
     tl = np.maximum(bbox_a[:, None, :2], bbox_b[:, :2])
     br = np.minimum(bbox_a[:, None, 2:], bbox_b[:, 2:])
@@ -117,6 +126,15 @@ def bbox_iou(bbox_a, bbox_b):
     area_b = np.prod(bbox_b[:, 2:] - bbox_b[:, :2], axis=1)
     union = area_a[:, None] + area_b - area_i
     return np.divide(area_i, union, out=np.zeros_like(area_i), where=union > 0)
+
+
+def _iou_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype :func:`bbox_iou` computes in and returns for inputs of (promoted) ``dtype``."""
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if np.issubdtype(dtype, np.floating):
+        return dtype
+    return np.dtype(np.float64)
 
 
 def generate_anchor_base(base_size=16, ratios=(0.5, 1, 2), anchor_scales=(8, 16, 32)):
