@@ -4,8 +4,9 @@
 
 ``CKPT`` is a checkpoint of ours (``checkpoints/<run>/best.pth``) or one of the original
 simple-faster-rcnn-pytorch's (read with weights-only loading: no code in a file ever runs); a folder stands
-for its newest ``*.pth`` (found recursively, e.g. ``--load-path=checkpoints``). An input folder stands for its
-``.jpg/.jpeg/.png/.bmp`` files (sorted, not recursive). For each image ``<stem>.<ext>``, ``--out``
+for its ``best.pth`` when it has one, else the newest ``best.pth`` under it (``--load-path=checkpoints``: the
+latest run's best), else its newest ``*.pth``; the one taken is named on stderr. An input folder stands for
+its ``.jpg/.jpeg/.png/.bmp`` files (sorted, not recursive). For each image ``<stem>.<ext>``, ``--out``
 receives:
 
 * ``<stem>.jpg`` (``.png`` for PNG and BMP inputs): the image with the detections drawn, labelled
@@ -14,12 +15,12 @@ receives:
   "detections": [{"bbox": [y_min, x_min, y_max, x_max], "label": int, "class_name": str, "score": float},
   ...], ...}`` with boxes in pixels of the original image.
 
-Detection uses ``predict(..., visualize=True)``: the ``visualize`` preset (NMS 0.3, score > 0.7);
-``--score-thresh`` replaces its score threshold. An image that is missing or cannot be read is reported on
-stderr and the others are still done. Exit status: 0 when every image was done, 1 when some failed, 2 when
-nothing could start (no input, a bad checkpoint, a bad option).
+Detection uses ``predict(..., visualize=True, score_thresh=...)``: the ``visualize`` preset (NMS 0.3,
+score > 0.7), ``--score-thresh`` replacing its score threshold. An image that is missing or cannot be read is
+reported on stderr and the others are still done. Exit status: 0 when every image was done, 1 when some
+failed, 2 when nothing could start (no input, a bad checkpoint, a bad option).
 
-The notebook ``demo.ipynb`` uses :func:`newest_checkpoint` and :func:`demo_image` from here.
+The notebook ``demo.ipynb`` uses :func:`find_checkpoint` and :func:`demo_image` from here.
 """
 
 import glob
@@ -29,18 +30,17 @@ import sys
 
 import fire
 import numpy as np
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from data.dataset import preprocess
 from data.util import DataError, read_image
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.config import resolve_device
 from utils.vis_tool import vis_bbox
 
 __all__ = ["IMAGE_SUFFIXES", "BBOX_ORDER", "demo_image", "detect", "detections_record", "draw_detections",
-           "expand_inputs", "load_model", "main", "newest_checkpoint", "run_demo"]
+           "expand_inputs", "find_checkpoint", "load_model", "main", "run_demo"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 BBOX_ORDER = "y_min, x_min, y_max, x_max"
@@ -53,8 +53,10 @@ class DemoError(Exception):
     """Something that stops the demo before any image: its message is the whole report."""
 
 
-def newest_checkpoint(path: str | os.PathLike = "checkpoints") -> str:
-    """``path`` itself if it is a file, else the newest ``*.pth`` under the folder ``path`` (recursively).
+def find_checkpoint(path: str | os.PathLike = "checkpoints") -> str:
+    """The checkpoint that ``path`` names: ``path`` itself if it is a file; for a folder, its ``best.pth``
+    (a run folder), else the newest ``best.pth`` under it (``checkpoints/``: the latest run's best), else the
+    newest ``*.pth`` under it.
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no ``*.pth`` file.
@@ -64,28 +66,28 @@ def newest_checkpoint(path: str | os.PathLike = "checkpoints") -> str:
         return path
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no checkpoint file or folder at {path!r}")
-    candidates = glob.glob(os.path.join(glob.escape(path), "**", "*.pth"), recursive=True)
-    if not candidates:
-        raise FileNotFoundError(f"no *.pth checkpoint under {path!r}: train one first, e.g. "
-                                "`python train.py train --data=toy`")
-    return max(candidates, key=os.path.getmtime)
+    if os.path.isfile(os.path.join(path, "best.pth")):
+        return os.path.join(path, "best.pth")
+    for pattern in ("best.pth", "*.pth"):
+        candidates = glob.glob(os.path.join(glob.escape(path), "**", pattern), recursive=True)
+        if candidates:
+            return max(candidates, key=os.path.getmtime)
+    raise FileNotFoundError(f"no *.pth checkpoint under {path!r}: train one first, e.g. "
+                            "`python train.py train --data=toy`")
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise DemoError(f"--device={device!r} is not a device: use auto, cpu, cuda or cuda:N") from e
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise DemoError(f"--device={device!r}: CUDA is not available on this machine (try --device=cpu)")
-    return resolved
+def _which(folder: str, path: str) -> str:
+    """Why :func:`find_checkpoint` took ``path`` in ``folder``, in words."""
+    if os.path.basename(path) != "best.pth":
+        return f"no best.pth under {folder}: its newest *.pth"
+    if os.path.samefile(os.path.dirname(path), folder):
+        return "the folder's best.pth"
+    return f"the newest best.pth under {folder}"
 
 
 def load_model(load_path: str | os.PathLike, device: str = "auto"):
-    """The model of a checkpoint (a file, or a folder: its newest ``*.pth``), on ``device``, in eval mode,
-    with its class names.
+    """The model of a checkpoint (a file, or a folder: :func:`find_checkpoint`, named on stderr), on
+    ``device``, in eval mode, with its class names.
 
     Returns:
         ``(model, class_names, ckpt)``: the ``FasterRCNN``, its ``n_fg_class`` names, the checkpoint dict.
@@ -94,21 +96,16 @@ def load_model(load_path: str | os.PathLike, device: str = "auto"):
         DemoError: no such file, or a file that is not a usable checkpoint (the message names it).
     """
     load_path = os.fspath(load_path)
-    if os.path.isdir(load_path):  # a run folder, or checkpoints/: its newest checkpoint
-        try:
-            load_path = newest_checkpoint(load_path)
-        except FileNotFoundError as e:
-            raise DemoError(str(e)) from e
-        print(f"checkpoint: {load_path}", file=sys.stderr)
-    torch_device = _resolve_device(device)
     try:
+        torch_device = resolve_device(device)
+        if os.path.isdir(load_path):  # a run folder, or checkpoints/
+            folder, load_path = load_path, find_checkpoint(load_path)
+            print(f"checkpoint: {load_path} ({_which(folder, load_path)})", file=sys.stderr)
         ckpt = load_checkpoint(load_path)
         model = model_from_checkpoint(ckpt, load_path)
-    except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError, an unknown architecture
+    except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError, ConfigError, an unknown arch
         raise DemoError(str(e)) from e
-    n_fg_class = model.n_class - 1
-    class_names = list(ckpt["class_names"] or [f"class_{i}" for i in range(n_fg_class)])
-    return model.to(torch_device).eval(), class_names, ckpt
+    return model.to(torch_device).eval(), list(ckpt["class_names"]), ckpt
 
 
 def demo_image(ckpt: dict) -> tuple[np.ndarray, str]:
@@ -151,17 +148,7 @@ def detect(model, img: np.ndarray, score_thresh: float | None = None):
         ``(bbox (K, 4) float32, label (K,) int32, score (K,) float32)``, boxes
         ``(y_min, x_min, y_max, x_max)`` in pixels of ``img``.
     """
-    if score_thresh is None:
-        bboxes, labels, scores = model.predict([img], visualize=True)
-    else:
-        thresholds = (model.nms_thresh, model.score_thresh)
-        model.use_preset("visualize")
-        model.score_thresh = float(score_thresh)
-        try:  # what predict(visualize=True) does, with our threshold
-            x = preprocess(img, model.min_size, model.max_size, model.normalize)
-            bboxes, labels, scores = model.predict([x], sizes=[img.shape[1:]])
-        finally:
-            model.nms_thresh, model.score_thresh = thresholds
+    bboxes, labels, scores = model.predict([img], visualize=True, score_thresh=score_thresh)
     return bboxes[0], labels[0], scores[0]
 
 
@@ -193,11 +180,8 @@ def detections_record(image_path: str, size, bbox, label, score, class_names) ->
 
 
 def _record_json(record: dict) -> str:
-    """``record`` as JSON text with one line per detection."""
-    head = json.dumps({key: value for key, value in record.items() if key != "detections"})
-    lines = [json.dumps(detection) for detection in record["detections"]]
-    detections = "[" + ",".join("\n  " + line for line in lines) + ("\n]" if lines else "]")
-    return head[:-1] + ', "detections": ' + detections + "}\n"
+    """``record`` as indented JSON text."""
+    return json.dumps(record, indent=2) + "\n"
 
 
 def expand_inputs(inputs) -> tuple[list[str], list[str]]:

@@ -21,7 +21,15 @@ from torch.nn import functional as F
 
 from model import arch_of
 from model.utils.creator_tool import AnchorTargetCreator, ProposalTargetCreator
-from utils.checkpoint import CHECKPOINT_FORMAT, atomic_save, check_arch, load_checkpoint, to_plain
+from utils.array_tool import tonumpy
+from utils.checkpoint import (
+    default_class_names,
+    load_checkpoint,
+    make_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    to_plain,
+)
 
 __all__ = [
     "AverageValueMeter",
@@ -210,7 +218,7 @@ class FasterRCNNTrainer(nn.Module):
         self.optimizer = get_optimizer(faster_rcnn, lr, weight_decay, use_adam, momentum)
         n_fg_class = faster_rcnn.n_class - 1
         if class_names is None:
-            class_names = _default_class_names(n_fg_class)
+            class_names = default_class_names(n_fg_class)
         if len(class_names) != n_fg_class:
             raise ValueError(f"{len(class_names)} class names given for a model of {n_fg_class} classes")
         self.class_names = list(class_names)
@@ -259,8 +267,8 @@ class FasterRCNNTrainer(nn.Module):
         img_size = tuple(imgs.shape[2:])
         scale = float(scale)
         # The CPU island: ground truth as numpy for the creators.
-        bbox = _to_numpy(bboxes[0], np.float32).reshape(-1, 4)
-        label = _to_numpy(labels[0], np.int32).reshape(-1)
+        bbox = tonumpy(bboxes[0], np.float32).reshape(-1, 4)
+        label = tonumpy(labels[0], np.int32).reshape(-1)
 
         features = model.extractor(imgs)
         rpn_locs, rpn_scores, rois, _, anchor = model.rpn(features, img_size, scale)
@@ -309,6 +317,14 @@ class FasterRCNNTrainer(nn.Module):
         self.update_meters(values)
         return losses
 
+    def rng_state(self) -> dict:
+        """The state of the target creators' generator (plain values), for a resumable checkpoint."""
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        """Continue the target creators' generator from :meth:`rng_state`."""
+        self.rng.bit_generator.state = state
+
     def scale_lr(self, decay: float = 0.1) -> None:
         """Multiply the lr of every parameter group by ``decay``."""
         for group in self.optimizer.param_groups:
@@ -335,7 +351,7 @@ class FasterRCNNTrainer(nn.Module):
         return {name: meter.value() for name, meter in self.meters.items()}
 
     def save(self, path, save_optimizer: bool = True, vis_info: dict | None = None, **other_info) -> str:
-        """Write a checkpoint (format in ``utils/checkpoint.py``) atomically to ``path``.
+        """Write a checkpoint of the model (and optimizer) atomically to ``path`` (``utils/checkpoint.py``).
 
         Args:
             path: destination file; its folder is created when missing.
@@ -348,19 +364,11 @@ class FasterRCNNTrainer(nn.Module):
             ``path`` as a string.
         """
         other_info.setdefault("lr", self.lr)
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.faster_rcnn.state_dict(),
-            "arch": to_plain(arch_of(self.faster_rcnn)),
-            "class_names": list(self.class_names),
-            "config": to_plain(self.config),
-            "other_info": to_plain(other_info),
-        }
-        if save_optimizer:
-            ckpt["optimizer"] = self.optimizer.state_dict()
-        if vis_info is not None:
-            ckpt["vis_info"] = to_plain(vis_info)
-        return atomic_save(ckpt, path)
+        ckpt = make_checkpoint(
+            self.faster_rcnn.state_dict(), arch_of(self.faster_rcnn), self.class_names, config=self.config,
+            other_info=other_info, optimizer=self.optimizer.state_dict() if save_optimizer else None,
+            vis_info=vis_info)
+        return save_checkpoint(ckpt, path)
 
     def load(self, path, load_optimizer: bool = True) -> dict:
         """Load a checkpoint's weights (and optimizer state) into this trainer.
@@ -375,12 +383,8 @@ class FasterRCNNTrainer(nn.Module):
                 backbone or anchor set (the message names both sides).
         """
         ckpt = load_checkpoint(path, map_location=self.device)
-        check_arch(ckpt["arch"], to_plain(arch_of(self.faster_rcnn)), str(path))
-        self.faster_rcnn.load_state_dict(ckpt["model"])
-        if load_optimizer and "optimizer" in ckpt:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["class_names"] is not None:
-            self.class_names = list(ckpt["class_names"])
+        restore_checkpoint(ckpt, self.faster_rcnn, self.optimizer if load_optimizer else None, path=str(path))
+        self.class_names = list(ckpt["class_names"])
         return ckpt
 
 
@@ -389,17 +393,3 @@ def check_losses(values) -> None:
     if not all(math.isfinite(v) for v in values):
         named = ", ".join(f"{name}={value}" for name, value in zip(LossTuple._fields, values, strict=True))
         raise NonFiniteLossError(f"non-finite loss: {named}")
-
-
-def _default_class_names(n_fg_class: int) -> list:
-    if n_fg_class == 20:
-        from data.voc_dataset import VOC_BBOX_LABEL_NAMES
-
-        return list(VOC_BBOX_LABEL_NAMES)
-    return [f"class_{i}" for i in range(n_fg_class)]
-
-
-def _to_numpy(x, dtype) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=dtype)

@@ -148,12 +148,14 @@ def _voc_source(opt) -> tuple[str, tuple[str, ...]]:
         data_dir, default_names = opt.voc_data_dir, VOC_BBOX_LABEL_NAMES
     elif opt.data == "toy":
         data_dir, default_names = opt.toy_data_dir, TOY_LABEL_NAMES
-        ensure_toy_voc(data_dir, **(getattr(opt, "toy_params", None) or {}))
+        ensure_toy_voc(data_dir)
     else:
         raise ValueError(f"opt.data must be 'voc' or 'toy', got {opt.data!r}")
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(
-            f"data folder not found: {data_dir} (opt.data={opt.data!r} reads opt.{opt.data}_data_dir)")
+            f"data folder not found: {data_dir} (--{opt.data}-data-dir). Pascal VOC 2007 is a download: see "
+            f"the README's section 'Train on Pascal VOC 2007'; --data=toy trains on a generated data set "
+            f"without any download")
     return data_dir, tuple(label_names) if label_names else default_names
 
 
@@ -188,9 +190,8 @@ class Dataset(_VOCSplit):
         opt: any object with the attributes ``data`` (``'voc'`` | ``'toy'``), ``voc_data_dir``,
             ``toy_data_dir`` (the toy set is generated there on first use), ``min_size``, ``max_size``,
             ``caffe_pretrain`` (caffe normalisation when true), and optionally ``label_names`` (empty
-            or ``None``: the VOC names, or the toy names for toy data), ``seed`` (flip generator seed;
-            ``None`` or missing: unseeded) and ``toy_params`` (a dict of
-            :class:`data.toy_dataset.ToyParams` fields for the toy set; ``None`` or missing: defaults).
+            or ``None``: the VOC names, or the toy names for toy data) and ``seed`` (flip generator seed;
+            ``None`` or missing: unseeded).
 
     Flips come from a ``numpy.random.Generator`` seeded with ``opt.seed``; in the main process
     (``num_workers=0``) the sequence of flips is reproducible. In a DataLoader worker the generator is
@@ -216,6 +217,15 @@ class Dataset(_VOCSplit):
             self._worker_seed = info.seed
             self._worker_rng = np.random.default_rng(entropy)
         return self._worker_rng
+
+    def rng_state(self) -> dict:
+        """The state of the flips' generator of the main process (plain values), for a resumable checkpoint
+        (the workers' generators derive from torch's seeds; see the class docstring)."""
+        return self.tsf.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        """Continue the flips' generator from :meth:`rng_state`."""
+        self.tsf.rng.bit_generator.state = state
 
     def __getitem__(self, idx: int):
         ori_img, bbox, label, _ = self.db.get_example(idx)

@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as `python misc/convert_chainercv.py`: impo
 
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES  # noqa: E402
 from model import FasterRCNNVGG16, arch_of  # noqa: E402
-from utils.checkpoint import CHECKPOINT_FORMAT, atomic_save, to_plain  # noqa: E402
+from utils.checkpoint import make_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ = ["chainercv_key_map", "convert_chainercv", "main"]
 
@@ -129,16 +129,10 @@ def convert_chainercv(arrays: Mapping[str, np.ndarray], class_names: Sequence[st
             tensor = tensor.flip(1)  # conv1_1 input channels: chainercv's (R, G, B) -> our caffe (B, G, R)
         state[ours] = tensor
 
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model": {key: state[key] for key in expected},
-        "arch": to_plain(arch_of(model)),
-        "class_names": class_names,
-        "config": {"caffe_pretrain": True},
-        # Not evaluated here: best_map 0.0 means "none recorded".
-        "other_info": {"epoch": 0, "iteration": 0, "best_map": 0.0,
-                       "converted_from": os.path.basename(source)},
-    }
+    # Not evaluated here: best_map 0.0 means "none recorded".
+    other_info = {"epoch": 0, "iteration": 0, "best_map": 0.0, "converted_from": os.path.basename(source)}
+    return make_checkpoint({key: state[key] for key in expected}, arch_of(model), class_names,
+                           config={"caffe_pretrain": True}, other_info=other_info)
 
 
 def _load_npz(path: str):
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> str:
             ckpt = convert_chainercv(arrays, class_names, source=args.npz)
         except ValueError as e:
             raise SystemExit(str(e)) from e
-    path = atomic_save(ckpt, args.out)
+    path = save_checkpoint(ckpt, args.out)
     print(f"wrote {path}: {ckpt['arch']['n_fg_class']} classes, caffe normalisation (BGR 0-255 minus the "
           "pixel means)")
     return path

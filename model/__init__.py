@@ -2,6 +2,10 @@
 
 A model class records its constructor arguments as plain values in ``self.arch``, with ``'name'`` its key in
 ``_ARCHS`` (``FasterRCNNVGG16`` does). Adding a backbone = one entry in ``_ARCHS`` plus that ``self.arch``.
+
+An ``arch`` is the one record of a model's settings: :func:`canonical_arch` completes one written before a
+setting existed with that setting's default (the original's), so old checkpoints rebuild the model they
+were trained as, and two archs compare equal exactly when they build the same model.
 """
 
 import copy
@@ -10,8 +14,9 @@ from collections.abc import Callable
 from model.faster_rcnn import FasterRCNN
 from model.faster_rcnn_toy import FasterRCNNToy
 from model.faster_rcnn_vgg16 import FasterRCNNVGG16
+from model.region_proposal_network import full_proposal_params
 
-__all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn"]
+__all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn", "canonical_arch"]
 
 # arch['name'] -> constructor taking the other entries of arch as keyword arguments
 _ARCHS: dict[str, Callable[..., FasterRCNN]] = {
@@ -29,7 +34,7 @@ def build_faster_rcnn(arch: dict, **overrides) -> FasterRCNN:
             'anchor_scales': [8, 16, 32], 'use_drop': False}``.
         **overrides: keyword arguments that replace entries of ``arch`` (e.g. ``normalize='caffe'``).
     """
-    kwargs = {**arch, **overrides}
+    kwargs = {**canonical_arch(arch), **overrides}
     name = kwargs.pop("name", None)
     if name not in _ARCHS:
         raise ValueError(f"arch['name'] must be one of {sorted(_ARCHS)}, got {name!r}")
@@ -43,3 +48,14 @@ def arch_of(model: FasterRCNN) -> dict:
         raise ValueError(f"{type(model).__name__} does not record its architecture "
                          "(self.arch, see model/__init__.py)")
     return copy.deepcopy(arch)
+
+
+def canonical_arch(arch: dict) -> dict:
+    """``arch`` with the settings it predates filled in: the RPN's ``proposal_creator_params`` (absent from
+    VGG16 archs written before they were recorded: the original's counts) completed with
+    ``ProposalCreator``'s defaults. Other entries are kept as they are; the input is not modified.
+    """
+    arch = copy.deepcopy(dict(arch))
+    if arch.get("name") in _ARCHS:
+        arch["proposal_creator_params"] = full_proposal_params(arch.get("proposal_creator_params"))
+    return arch

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from data.dataset import preprocess
 from model.utils.nms import non_maximum_suppression
+from utils.array_tool import tonumpy
 
 __all__ = ["FasterRCNN"]
 
@@ -140,7 +141,7 @@ class FasterRCNN(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, imgs, sizes=None, visualize: bool = False
+        self, imgs, sizes=None, visualize: bool = False, score_thresh: float | None = None
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """Detect objects in images.
 
@@ -155,6 +156,8 @@ class FasterRCNN(nn.Module):
                 Otherwise: ``(3, H', W')`` images already preprocessed, with the current preset.
             sizes: with ``visualize=False``, the original ``(H, W)`` of each image (ints or 0-d tensors).
             visualize: see ``imgs``.
+            score_thresh: keep detections whose class probability is above this, for this call only;
+                ``None``: the preset's (0.7 with ``visualize=True``, else the current one).
 
         Returns:
             ``(bboxes, labels, scores)``, lists with one entry per image:
@@ -173,11 +176,13 @@ class FasterRCNN(nn.Module):
             if visualize:
                 self.use_preset("visualize")
                 sizes = [tuple(img.shape[1:]) for img in imgs]
-                imgs = [preprocess(_to_numpy(img), self.min_size, self.max_size, self.normalize)
+                imgs = [preprocess(tonumpy(img, np.float32), self.min_size, self.max_size, self.normalize)
                         for img in imgs]
             elif sizes is None:
                 raise ValueError("predict(visualize=False) takes preprocessed images and needs their "
                                  "original sizes: pass sizes=[(H, W), ...]")
+            if score_thresh is not None:
+                self.score_thresh = float(score_thresh)
             bboxes, labels, scores = [], [], []
             for img, size in zip(imgs, sizes, strict=True):
                 bbox, label, score = self._predict_one(img, (int(size[0]), int(size[1])))
@@ -220,13 +225,6 @@ class FasterRCNN(nn.Module):
         result = torch.cat((bbox[keep], label[keep, None].to(bbox.dtype), score[keep, None]), dim=1)  # (K, 6)
         result = result.cpu().numpy()
         return np.ascontiguousarray(result[:, :4]), result[:, 4].astype(np.int32), result[:, 5].copy()
-
-
-def _to_numpy(img) -> np.ndarray:
-    """A raw image (numpy array or tensor on any device) as a float32 numpy array."""
-    if torch.is_tensor(img):
-        img = img.detach().cpu().numpy()
-    return np.asarray(img, dtype=np.float32)
 
 
 def _loc2bbox(src_bbox: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:

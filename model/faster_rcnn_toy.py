@@ -126,7 +126,7 @@ class FasterRCNNToy(FasterRCNN):
         fc_channels: width of the head's hidden layers.
         roi_size: RoI pooling output size.
         proposal_creator_params: keyword arguments of the RPN's ``ProposalCreator`` (e.g. fewer proposals
-            than VGG16's 12000/2000 for small images).
+            than VGG16's 12000/2000 for small images); recorded in full in ``arch``.
         faster_rcnn_kwargs: ``FasterRCNN`` arguments (``min_size``, ``max_size``, ``normalize``...).
     """
 
@@ -167,6 +167,6 @@ class FasterRCNNToy(FasterRCNN):
             "head_channels": head_channels,
             "fc_channels": fc_channels,
             "roi_size": roi_size,
-            "proposal_creator_params": dict(proposal_creator_params or {}),
+            "proposal_creator_params": dict(rpn.proposal_creator_params),
             **self.faster_rcnn_arch(),
         }

@@ -16,7 +16,6 @@ State-dict keys are the original's: ``extractor.{0,2,5,...,28}``, ``rpn.{conv1,s
 """
 
 import os
-import pickle
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 from model.faster_rcnn import FasterRCNN
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D
+from model.utils.pretrained import PretrainedWeightsError, read_state_dict, torchvision_state_dict
 
 __all__ = ["FasterRCNNVGG16", "VGG16RoIHead", "decom_vgg16"]
 
@@ -54,18 +54,22 @@ def decom_vgg16(
         dropouts after each ReLU when ``use_drop``), ``(R, 25088) -> (R, 4096)``.
 
     Raises:
-        RuntimeError: ``'torchvision'`` and the weights cannot be downloaded; the message says where to put
-            the file.
-        FileNotFoundError, ValueError: a path that does not exist or does not hold VGG16 weights.
+        model.utils.pretrained.PretrainedWeightsError: ``'torchvision'`` and the weights cannot be downloaded
+            (the message says where to put the file), or a file that does not hold VGG16 weights.
+        FileNotFoundError: a path that does not exist.
     """
     if pretrained is None:
         model = torchvision.models.vgg16(weights=None)
     else:
         if isinstance(pretrained, str) and pretrained == "torchvision":
-            state = _torchvision_vgg16_state_dict()
+            state = torchvision_state_dict(
+                torchvision.models.VGG16_Weights.IMAGENET1K_V1, "pretrained='torchvision' (ImageNet VGG16)",
+                "Or pass pretrained=PATH to a torchvision-layout VGG16 state dict, e.g. the caffe-converted "
+                "weights written by misc/convert_caffe_pretrain.py (--caffe-pretrain), or pretrained=None.")
             source = "torchvision's VGG16_Weights.IMAGENET1K_V1"
         else:
-            state = _read_state_dict(pretrained)
+            state = read_state_dict(pretrained, "a torchvision-layout VGG16 state dict, e.g. from "
+                                                "misc/convert_caffe_pretrain.py")
             source = f"pretrained={os.fspath(pretrained)!r}"
         with torch.device("meta"):  # no random init of weights that are about to be replaced
             model = torchvision.models.vgg16(weights=None)
@@ -83,40 +87,15 @@ def decom_vgg16(
     return extractor, nn.Sequential(*classifier)
 
 
-def _torchvision_vgg16_state_dict() -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet VGG16 through its weights API, with one clear error where it cannot download."""
-    weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-    try:
-        return weights.get_state_dict(progress=True)
-    except OSError as e:  # URLError, socket errors, a read-only cache...
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-        raise RuntimeError(
-            f"pretrained='torchvision': cannot download torchvision's ImageNet VGG16 weights from "
-            f"{weights.url} ({e}). Without network access, copy that file to {path} (torch hub's cache, see "
-            "torch.hub.get_dir()), or pass pretrained=PATH to a torchvision-layout VGG16 state dict, e.g. "
-            "the caffe-converted weights written by misc/convert_caffe_pretrain.py, or pretrained=None."
-        ) from e
-
-
-def _read_state_dict(path: str | os.PathLike) -> dict:
-    """``torch.load(path, weights_only=True)`` with errors that name the file."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained={path!r}: no such file (expected a torchvision-layout VGG16 "
-                                "state dict, e.g. from misc/convert_caffe_pretrain.py)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"pretrained={path!r}: cannot read a state dict from this file ({e})") from e
-
-
 def _check_vgg16_state_dict(state, expected: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a ``ValueError`` naming ``source`` unless ``state`` has ``expected``'s keys and shapes."""
+    """Raise a ``PretrainedWeightsError`` naming ``source`` unless ``state`` has ``expected``'s keys and
+    shapes."""
     if not isinstance(state, dict):
-        raise ValueError(f"{source}: expected a VGG16 state dict, found a {type(state).__name__}")
+        raise PretrainedWeightsError(f"{source}: expected a VGG16 state dict, found a {type(state).__name__}")
     if "model" in state:
-        raise ValueError(f"{source}: this is a Faster R-CNN checkpoint, not VGG16 backbone weights; load it "
-                         "with FasterRCNNTrainer.load (or build_faster_rcnn + load_state_dict) instead")
+        raise PretrainedWeightsError(
+            f"{source}: this is a Faster R-CNN checkpoint, not VGG16 backbone weights; load it with "
+            "FasterRCNNTrainer.load (or build_faster_rcnn + load_state_dict) instead")
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [
@@ -131,7 +110,7 @@ def _check_vgg16_state_dict(state, expected: dict[str, torch.Tensor], source: st
                                 ("shape mismatches", mismatched))
             if items
         ]
-        raise ValueError(
+        raise PretrainedWeightsError(
             f"{source} is not a torchvision-layout VGG16 state dict (keys features.N.weight/bias and "
             f"classifier.N.weight/bias): {'; '.join(problems)}. A caffe VGG16 must first be converted with "
             "misc/convert_caffe_pretrain.py."
@@ -192,6 +171,9 @@ class FasterRCNNVGG16(FasterRCNN):
         ratios: anchor height / width ratios.
         anchor_scales: anchor sizes in multiples of 16 pixels.
         pretrained, use_drop: the backbone (:func:`decom_vgg16`).
+        proposal_creator_params: keyword arguments of the RPN's ``ProposalCreator`` (NMS threshold, box
+            counts before/after NMS in training and test, minimum size); missing ones take the original's
+            values. Recorded in full in ``arch``, so evaluating or resuming a checkpoint uses its own.
         **faster_rcnn_kwargs: :class:`~model.faster_rcnn.FasterRCNN`'s ``loc_normalize_mean``,
             ``loc_normalize_std``, ``min_size``, ``max_size``, ``normalize``.
 
@@ -208,11 +190,13 @@ class FasterRCNNVGG16(FasterRCNN):
         anchor_scales: tuple[float, ...] = (8, 16, 32),
         pretrained: str | os.PathLike | None = None,
         use_drop: bool = False,
+        proposal_creator_params: dict | None = None,
         **faster_rcnn_kwargs,
     ):
         extractor, classifier = decom_vgg16(pretrained, use_drop)
         rpn = RegionProposalNetwork(
-            512, 512, ratios=ratios, anchor_scales=anchor_scales, feat_stride=self.feat_stride
+            512, 512, ratios=ratios, anchor_scales=anchor_scales, feat_stride=self.feat_stride,
+            proposal_creator_params=proposal_creator_params,
         )
         head = VGG16RoIHead(n_fg_class + 1, roi_size=7, spatial_scale=1.0 / self.feat_stride,
                             classifier=classifier)
@@ -223,5 +207,6 @@ class FasterRCNNVGG16(FasterRCNN):
             "ratios": np.asarray(ratios, dtype=np.float64).tolist(),
             "anchor_scales": np.asarray(anchor_scales, dtype=np.float64).tolist(),
             "use_drop": bool(use_drop),
+            "proposal_creator_params": dict(rpn.proposal_creator_params),
             **self.faster_rcnn_arch(),
         }

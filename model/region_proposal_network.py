@@ -16,6 +16,8 @@ Naming rules: ``bbox``/``anchor``/``roi`` are boxes in input-image pixels, ``(y_
 ``loc`` is the offset ``(t_y, t_x, t_h, t_w)`` that turns an anchor into a box (``utils/bbox_tools.py``).
 """
 
+import inspect
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from torch.nn import functional as F
 from model.utils.bbox_tools import generate_anchor_base
 from model.utils.creator_tool import ProposalCreator
 
-__all__ = ["RegionProposalNetwork"]
+__all__ = ["RegionProposalNetwork", "full_proposal_params"]
 
 
 class RegionProposalNetwork(nn.Module):
@@ -56,7 +58,8 @@ class RegionProposalNetwork(nn.Module):
         super().__init__()
         self.anchor_base = generate_anchor_base(anchor_scales=anchor_scales, ratios=ratios)  # (A, 4)
         self.feat_stride = feat_stride
-        self.proposal_layer = ProposalCreator(**(proposal_creator_params or {}))
+        self.proposal_creator_params = full_proposal_params(proposal_creator_params)
+        self.proposal_layer = ProposalCreator(**self.proposal_creator_params)
         n_anchor = self.anchor_base.shape[0]
         self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, 1, 1)
         self.score = nn.Conv2d(mid_channels, n_anchor * 2, 1, 1, 0)
@@ -112,6 +115,26 @@ class RegionProposalNetwork(nn.Module):
         rois = np.concatenate(rois, axis=0).astype(np.float32, copy=False)  # (R', 4)
         roi_indices = np.concatenate(roi_indices, axis=0)  # (R',)
         return rpn_locs, rpn_scores, rois, roi_indices, anchor
+
+
+def full_proposal_params(params: dict | None = None) -> dict:
+    """Every keyword argument of :class:`~model.utils.creator_tool.ProposalCreator`: ``params``, then its
+    defaults (the original's: NMS 0.7, 12000/2000 boxes in training, 6000/300 at test, 16-pixel minimum).
+
+    A model records this full dict in its ``arch``, so a checkpoint says which proposals it was trained and
+    is evaluated with, and an ``arch`` written before a setting existed means the default.
+
+    Raises:
+        ValueError: a key that ``ProposalCreator`` does not take.
+    """
+    defaults = {name: p.default for name, p in inspect.signature(ProposalCreator).parameters.items()}
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise ValueError(f"proposal_creator_params: unknown keys {unknown}; ProposalCreator takes "
+                         f"{sorted(defaults)}")
+    return {**defaults, **params}
+
 
 
 def _enumerate_shifted_anchor(

@@ -186,22 +186,32 @@ def photo(tmp_path_factory):
     return str(path)
 
 
-# --- newest checkpoint, default image -----------------------------------------------------------------------
+# --- which checkpoint, default image ------------------------------------------------------------------------
 
 
-def test_newest_checkpoint_picks_the_newest_pth_recursively(tmp_path):
-    for i, rel in enumerate(["a/best.pth", "b/c/last.pth", "a/last.pth"]):
+def test_find_checkpoint_takes_best_first_then_the_newest_pth(tmp_path):
+    def touch(rel, mtime):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x")
-        os.utime(tmp_path / rel, (1_000_000 + i * 10, 1_000_000 + [5, 30, 20][i]))
+        os.utime(tmp_path / rel, (mtime, mtime))
+
+    touch("a/best.pth", 1_000_005)
+    touch("b/c/last.pth", 1_000_030)  # the newest file
+    touch("a/last.pth", 1_000_020)
+    touch("d/best.pth", 1_000_010)  # the newest best.pth
     (tmp_path / "b" / "notes.txt").write_text("newer, not a checkpoint")
-    assert demo.newest_checkpoint(tmp_path) == str(tmp_path / "b" / "c" / "last.pth")
-    assert demo.newest_checkpoint(tmp_path / "a" / "best.pth") == str(tmp_path / "a" / "best.pth")
+    # a run folder: its best.pth, even though its last.pth is newer
+    assert demo.find_checkpoint(tmp_path / "a") == str(tmp_path / "a" / "best.pth")
+    # a folder of runs: the newest best.pth under it, not the newest last.pth
+    assert demo.find_checkpoint(tmp_path) == str(tmp_path / "d" / "best.pth")
+    # no best.pth at all: the newest *.pth
+    assert demo.find_checkpoint(tmp_path / "b") == str(tmp_path / "b" / "c" / "last.pth")
+    assert demo.find_checkpoint(tmp_path / "a" / "last.pth") == str(tmp_path / "a" / "last.pth")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="train.py train --data=toy"):
-        demo.newest_checkpoint(tmp_path / "empty")
+        demo.find_checkpoint(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        demo.newest_checkpoint(tmp_path / "nowhere")
+        demo.find_checkpoint(tmp_path / "nowhere")
 
 
 def test_demo_image_fits_the_checkpoint(toy_tree):
@@ -306,17 +316,22 @@ def test_demo_command_on_a_photo_and_a_folder(toy_tree, photo, tmp_path):
     assert Image.open(out / "000003.png").format == "PNG"
 
 
-def test_load_model_takes_the_newest_checkpoint_of_a_folder(toy_tree, tmp_path, capsys):
+def test_load_model_takes_the_best_checkpoint_of_a_folder_and_says_which(toy_tree, tmp_path, capsys):
     _, best = toy_tree
     folder = tmp_path / "checkpoints"
     (folder / "old_run").mkdir(parents=True)
     (folder / "new_run").mkdir()
     shutil.copy(best, folder / "old_run" / "best.pth")
     shutil.copy(best, folder / "new_run" / "best.pth")
+    shutil.copy(best, folder / "new_run" / "last.pth")
     os.utime(folder / "old_run" / "best.pth", (1, 1))
+    os.utime(folder / "new_run" / "best.pth", (2, 2))  # last.pth is the newest file
     model, class_names, ckpt = demo.load_model(folder, device="cpu")
-    assert f"checkpoint: {folder / 'new_run' / 'best.pth'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"checkpoint: {folder / 'new_run' / 'best.pth'} (the newest best.pth under {folder})" in err
     assert class_names == list(ckpt["class_names"]) and not model.training
+    demo.load_model(folder / "new_run", device="cpu")
+    assert f"checkpoint: {folder / 'new_run' / 'best.pth'} (the folder's best.pth)" in capsys.readouterr().err
 
 
 def test_demo_detections_match_predict_and_score_thresh(toy_tree, photo):
@@ -333,6 +348,15 @@ def test_demo_detections_match_predict_and_score_thresh(toy_tree, photo):
     for got, want in zip(demo.detect(model, img, score_thresh=0.7), (bbox, label, score), strict=True):
         np.testing.assert_array_equal(got, want)
     assert (model.nms_thresh, model.score_thresh) == (0.3, 0.05)  # thresholds restored
+    # ...which is predict's own score_thresh: the visualize preset's NMS with another score threshold
+    x = preprocess(img, model.min_size, model.max_size, model.normalize)
+    model.use_preset("visualize")
+    model.score_thresh = 1e-4
+    by_hand = model.predict([x], sizes=[img.shape[1:]])
+    model.use_preset("evaluate")
+    for got, want in zip(model.predict([img], visualize=True, score_thresh=1e-4), by_hand, strict=True):
+        np.testing.assert_array_equal(got[0], want[0])
+    assert (model.nms_thresh, model.score_thresh) == (0.3, 0.05)
     # ...and a lower threshold keeps a superset: exactly the old detections among those above 0.7
     low = demo.detect(model, img, score_thresh=1e-4)
     assert len(low[0]) > len(bbox) and set(low[1].tolist()) > {BOOSTED_LABEL}

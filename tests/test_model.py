@@ -20,6 +20,7 @@ from model.faster_rcnn_vgg16 import decom_vgg16
 from model.region_proposal_network import RegionProposalNetwork, _enumerate_shifted_anchor
 from model.utils.bbox_tools import generate_anchor_base, loc2bbox
 from model.utils.nms import non_maximum_suppression
+from model.utils.pretrained import PretrainedWeightsError
 
 N_FG_CLASS = 20
 FROZEN_CONVS = (0, 2, 5, 7)  # conv1_1, conv1_2, conv2_1, conv2_2 in extractor / VGG16 features
@@ -438,7 +439,7 @@ def test_decom_vgg16_bad_files(tmp_path, vgg16_file):
             decom_vgg16(pretrained=tmp_path / name)
         assert name in str(info.value)
     (tmp_path / "garbage.pth").write_bytes(b"not a state dict")
-    with pytest.raises(ValueError, match="garbage.pth"):
+    with pytest.raises(PretrainedWeightsError, match="garbage.pth"):
         decom_vgg16(pretrained=str(tmp_path / "garbage.pth"))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         decom_vgg16(pretrained=tmp_path / "nowhere.pth")
@@ -451,11 +452,14 @@ def _no_download(*args, **kwargs):
 def test_decom_vgg16_torchvision_offline_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_download)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(PretrainedWeightsError) as info:
         decom_vgg16(pretrained="torchvision")
     message = str(info.value)
     assert str(tmp_path / "checkpoints" / "vgg16-397923af.pth") in message
     assert "pretrained=PATH" in message and "misc/convert_caffe_pretrain.py" in message
+    assert "network is unreachable" in message
+    # one error, not a chain of three tracebacks (the download's, urllib's, ours)
+    assert info.value.__cause__ is None and info.value.__context__ is None
 
 
 def test_decom_vgg16_torchvision_from_hub_cache(tmp_path, monkeypatch, vgg16_file):
@@ -474,7 +478,7 @@ def test_decom_vgg16_torchvision_from_hub_cache(tmp_path, monkeypatch, vgg16_fil
 def test_build_faster_rcnn_rebuilds_arch(model):
     arch = arch_of(model)
     assert arch["name"] == "vgg16" and arch["n_fg_class"] == N_FG_CLASS and arch["min_size"] == 240
-    assert all(isinstance(v, (str, int, float, bool, list)) for v in arch.values())
+    assert all(isinstance(v, (str, int, float, bool, list, dict)) for v in arch.values())
     rebuilt = build_faster_rcnn(arch)
     assert type(rebuilt) is FasterRCNNVGG16 and arch_of(rebuilt) == arch
     rebuilt.load_state_dict(model.state_dict(), strict=True)

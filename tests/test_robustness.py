@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+import urllib.error
 
 import numpy as np
 import pytest
@@ -380,16 +381,16 @@ def test_resuming_from_the_best_checkpoint_written_before_the_lr_decay(tiny_voc,
 
 def test_second_sigint_during_the_save_does_not_corrupt_it(tiny_voc, tmp_path, monkeypatch, capfd):
     SignalAtStep(monkeypatch, 3)
-    original_save = trainer_module.atomic_save
+    original_save = trainer_module.save_checkpoint
     saves = []
 
-    def atomic_save(obj, path):
+    def save_checkpoint(obj, path):
         saves.append(obj["other_info"].get("epoch_position"))
         os.kill(os.getpid(), signal.SIGINT)  # the impatient user presses Ctrl-C again
         time.sleep(0.05)
         return original_save(obj, path)
 
-    monkeypatch.setattr(trainer_module, "atomic_save", atomic_save)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_checkpoint)
     options = tiny_options(tiny_voc, tmp_path, epochs=2)
     with pytest.raises(StopRequested):
         train_module.train(**options)
@@ -492,33 +493,73 @@ def test_no_checkpoint_is_loaded_without_weights_only():
     unsafe = {path: found for path, source in sources.items() if (found := _unsafe_loads(ast.parse(source)))}
     assert unsafe == {}
     # and the checkpoint readers go through the one safe entry point
-    for name in ("train.py", "trainer.py", "demo.py", "demo.ipynb"):
-        assert "load_checkpoint(" in sources[os.path.join(REPO, name)] or "trainer.load(" in sources[
-            os.path.join(REPO, name)], name
+    for name in ("utils/run_state.py", "utils/evaluation.py", "trainer.py", "demo.py", "demo.ipynb"):
+        source = sources[os.path.join(REPO, name)]
+        assert "load_checkpoint(" in source or "trainer.load(" in source, name
 
 
-def test_checkpoints_are_written_only_through_atomic_save():
+def _writes_a_file(func: str) -> bool:
+    writers = ("torch.save", "save", "mkstemp", "tempfile.mkstemp", "os.replace")
+    return func in writers or func.endswith("savefig")
+
+
+def test_checkpoints_and_run_files_are_written_only_through_atomic_write():
     writers = {}
     for path, source in _repo_sources():
         calls = [ast.unparse(node) for node in ast.walk(ast.parse(source))
-                 if isinstance(node, ast.Call) and ast.unparse(node.func) in ("torch.save", "save")]
+                 if isinstance(node, ast.Call) and _writes_a_file(ast.unparse(node.func))]
         if calls:
-            writers[os.path.relpath(path, REPO)] = calls
-    assert writers == {os.path.join("utils", "checkpoint.py"): ["torch.save(obj, f)"]}
+            writers[os.path.relpath(path, REPO)] = sorted(calls)
+    assert writers == {
+        os.path.join("utils", "checkpoint.py"): ["torch.save(obj, f)"],
+        os.path.join("utils", "files.py"): [
+            "os.replace(tmp_path, path)",
+            "tempfile.mkstemp(dir=folder, prefix=f'.{os.path.basename(path)}.{os.getpid()}.', "
+            "suffix='.tmp')"],
+        os.path.join("utils", "vis_tool.py"): ["fig.savefig(f, format='png')"],  # inside atomic_write
+        "demo.py": ["draw_detections(img, bbox, label, score, class_names).savefig(os.path.join(out, stem + "
+                    "ext))"],  # a picture for the user, not run state
+    }
 
 
 def test_stale_temp_files_of_killed_saves_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     names = [f".last.pth.{dead}.k2j4.tmp", f".best.pth.{dead}.x_9q.tmp",  # a killed process's
+             f".history.jsonl.{dead}.x8a_.tmp", f".curves.png.{dead}.0q1w.tmp",
              f".last.pth.{os.getpid()}.abcd.tmp",  # a save in progress in a live process
-             ".history.jsonlx8a.tmp", "last.pth", "notes.tmp"]  # not checkpoint temp files
+             "last.pth", "notes.tmp"]  # not temp files of atomic_write
     for name in names:
         (tmp_path / name).write_bytes(b"x")
     removed = remove_stale_temp_files(tmp_path)
-    assert sorted(removed) == sorted(str(tmp_path / n) for n in names[:2])
-    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+    assert sorted(removed) == sorted(str(tmp_path / n) for n in names[:4])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[4:])
     assert remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_a_kill_during_a_history_write_leaves_a_temp_file_the_next_run_removes(tmp_path):
+    """The dashboard's files go through the same atomic writer as checkpoints: a SIGKILL inside the write of
+    history.jsonl leaves the old file whole and a temp file that the start of the next run cleans up."""
+    from utils.run_state import TrainingRun
+    from utils.vis_tool import Visualizer
+
+    run = tmp_path / "run"
+    Visualizer(log_dir=run, use_visdom=False).plot("loss", 1.0)  # history.jsonl with one point
+    before = (run / "history.jsonl").read_bytes()
+    script = ("from utils.vis_tool import Visualizer; import sys; vis = Visualizer(log_dir=sys.argv[1], "
+              "use_visdom=False, flush_every=1e9); vis.plot('loss', 2.0); vis.flush()")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(run)], cwd=REPO,
+                            env=cli_env({SAVE_PAUSE_ENV: "30"}))
+    try:
+        assert wait_for(lambda: [f for f in os.listdir(run) if f.startswith(".history.jsonl.")], proc,
+                        timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    leftovers = [f for f in os.listdir(run) if f.endswith(".tmp")]
+    assert leftovers and (run / "history.jsonl").read_bytes() == before
+    TrainingRun(None, None, None, None, str(run), 0, 0.1)  # a run starting in this folder
+    assert [f for f in os.listdir(run) if f.endswith(".tmp")] == []
 
 
 class Payload:
@@ -631,6 +672,29 @@ def test_cli_usage_errors(capsys, argv, text):
     returncode = train_module.main(argv)
     out, err = capsys.readouterr()
     assert_short_error(returncode, err, text)
+
+
+def test_a_newcomer_without_voc_data_is_told_where_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no data/VOCdevkit here
+    returncode = train_module.main(["train"])
+    err = capsys.readouterr().err
+    assert_short_error(returncode, err, "data folder not found: data/VOCdevkit/VOC2007")
+    assert "README" in err and "Train on Pascal VOC 2007" in err and "--data=toy" in err
+
+
+def test_offline_imagenet_weights_are_one_line_not_three_tracebacks(tiny_voc, tmp_path, monkeypatch, capsys):
+    def no_download(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    options = tiny_options(tiny_voc, tmp_path, epochs=1, backbone="vgg16")
+    returncode = train_module.main(["train", *as_flags(options)])
+    err = capsys.readouterr().err
+    last = err.rstrip().splitlines()[-1].split("\r")[-1]  # after the data check's progress bars
+    assert_short_error(returncode, last + "\n", "pretrained='torchvision' (ImageNet VGG16): cannot download")
+    assert "Traceback" not in err and "During handling" not in err
+    assert str(tmp_path / "hub" / "checkpoints" / "vgg16-397923af.pth") in last and "--caffe-pretrain" in last
 
 
 def test_cli_help_lists_the_commands(capsys):

@@ -14,10 +14,11 @@ from torch.utils.data import DataLoader
 
 from data.dataset import Dataset, TestDataset
 from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc, generate_toy_voc
-from train import build_model, evaluate, evaluates_after
+from train import build_model, evaluates_after
 from trainer import FasterRCNNTrainer
 from utils.checkpoint import load_checkpoint
 from utils.config import TOY_PRESET, Config
+from utils.evaluation import evaluate
 
 pytestmark = pytest.mark.slow
 

@@ -433,3 +433,87 @@ def test_build_faster_rcnn_knows_the_toy_backbone():
     assert rebuilt.arch == model.arch
     assert [k for k in rebuilt.state_dict()] == [k for k in model.state_dict()]
     assert pickle.loads(pickle.dumps(model.arch)) == model.arch
+
+
+# --- one record of a model's settings: the proposal counts in the arch --------------------------------------
+def test_vgg16_records_its_proposal_settings_and_old_archs_mean_the_original_ones():
+    from model import FasterRCNNVGG16, arch_of, canonical_arch
+    from utils.checkpoint import check_arch
+
+    original = {"nms_thresh": 0.7, "n_train_pre_nms": 12000, "n_train_post_nms": 2000,
+                "n_test_pre_nms": 6000, "n_test_post_nms": 300, "min_size": 16}
+    with torch.device("meta"):  # VGG16's shapes without its memory or its random init
+        model = FasterRCNNVGG16(n_fg_class=3, proposal_creator_params={"n_test_post_nms": 7, "min_size": 4})
+        default = FasterRCNNVGG16(n_fg_class=3)
+    arch = arch_of(model)
+    assert arch["proposal_creator_params"] == {**original, "n_test_post_nms": 7, "min_size": 4}
+    assert (model.rpn.proposal_layer.n_test_post_nms, model.rpn.proposal_layer.min_size) == (7, 4)
+    with torch.device("meta"):
+        rebuilt = build_faster_rcnn(arch)
+    assert rebuilt.rpn.proposal_layer.n_test_post_nms == 7 and arch_of(rebuilt) == arch
+
+    # an arch written before the counts were recorded means the original's
+    old = {k: v for k, v in arch_of(default).items() if k != "proposal_creator_params"}
+    assert canonical_arch(old)["proposal_creator_params"] == original
+    check_arch(old, arch_of(default))  # fits the default model...
+    with pytest.raises(CheckpointError, match="proposal_creator_params"):
+        check_arch(old, arch)  # ...and not one with other counts
+
+
+def test_resuming_or_evaluating_uses_the_checkpoint_s_own_proposal_counts(tmp_path):
+    path = make_trainer().save(tmp_path / "last.pth")  # trained with 600 -> 100 training proposals
+    model = model_from_checkpoint(load_checkpoint(path), path)
+    assert (model.rpn.proposal_layer.n_train_pre_nms, model.rpn.proposal_layer.n_train_post_nms) == (600, 100)
+    torch.manual_seed(0)
+    other = FasterRCNNToy(N_FG_CLASS, anchor_scales=(1, 2), channels=(8, 16), rpn_channels=16,
+                          head_channels=8, fc_channels=32, roi_size=4, min_size=64, max_size=96,
+                          proposal_creator_params={"n_train_pre_nms": 600, "n_train_post_nms": 200,
+                                                   "min_size": 4})
+    with pytest.raises(CheckpointError, match="proposal_creator_params"):
+        FasterRCNNTrainer(other).load(path)
+
+
+# --- checkpoint writers and run files -----------------------------------------------------------------------
+def test_every_checkpoint_writer_builds_the_same_complete_dictionary(tmp_path):
+    from utils.checkpoint import make_checkpoint
+    from utils.original_checkpoint import convert_original_checkpoint
+
+    trainer = make_trainer()
+    raw = torch.load(trainer.save(tmp_path / "t.pth", epoch=1), weights_only=True)
+    expected = make_checkpoint(trainer.faster_rcnn.state_dict(), trainer.faster_rcnn.arch,
+                               trainer.class_names, config=trainer.config,
+                               other_info={"epoch": 1, "lr": trainer.lr},
+                               optimizer=trainer.optimizer.state_dict())
+    assert raw.keys() == expected.keys() and raw["arch"] == expected["arch"]
+    assert raw["other_info"] == expected["other_info"] and raw["class_names"] == expected["class_names"]
+
+    # the original's checkpoint, converted: the same layout, a complete arch (the original's proposals)
+    with torch.device("meta"):
+        from model import FasterRCNNVGG16
+
+        state = FasterRCNNVGG16(n_fg_class=20).state_dict()
+    converted = convert_original_checkpoint({"model": state, "config": {"caffe_pretrain": False},
+                                             "other_info": {"best_map": np.float64(0.7)}})
+    assert set(converted) == {"format", "model", "arch", "class_names", "config", "other_info"}
+    assert converted["arch"]["proposal_creator_params"]["n_test_post_nms"] == 300
+    assert converted["other_info"]["best_map"] == 0.7 and type(converted["other_info"]["best_map"]) is float
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_checkpoints_and_run_files_get_the_permissions_of_the_user_s_umask(tmp_path, umask):
+    from utils.vis_tool import Visualizer
+
+    old = os.umask(umask)
+    try:
+        ckpt = make_trainer().save(tmp_path / "run" / "last.pth")
+        vis = Visualizer(log_dir=tmp_path / "run", use_visdom=False)
+        vis.plot("loss", 1.0)
+        vis.flush()
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    assert (os.stat(tmp_path / "plain").st_mode & 0o777) == expected  # what open() gives
+    for path in (ckpt, tmp_path / "run" / "history.jsonl", tmp_path / "run" / "curves.png"):
+        assert (os.stat(path).st_mode & 0o777) == expected, path

@@ -200,7 +200,6 @@ def test_no_server_one_warning_then_quiet_no_ops_and_files_written(tmp_path):
         vis.plot("loss", np.float32(0.5))
         vis.plot_many({"map": torch.tensor(0.25), "skipped": None}, step=40)
         vis.img("gt_img", gray_image() / 255)
-        vis.img_many({"a": gray_image() / 255})
         vis.text(["cat", "dog"], win="labels")
         vis.log("lr: 0.001")
         vis.save()

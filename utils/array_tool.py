@@ -13,18 +13,33 @@ import torch
 
 __all__ = ["scalar", "tonumpy", "totensor"]
 
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
 
-def tonumpy(data: np.ndarray | torch.Tensor) -> np.ndarray:
-    """``data`` as a numpy array: arrays pass through; a tensor is detached and copied to the CPU.
+
+def tonumpy(data, dtype=None) -> np.ndarray:
+    """``data`` as a numpy array: arrays pass through; a tensor is detached and copied to the CPU (one
+    crossing, converted to ``dtype`` on its device first when it has a torch equivalent, so a bfloat16 tensor
+    becomes float32 before numpy, which has no bfloat16).
+
+    Args:
+        data: a numpy array or a torch tensor on any device.
+        dtype: the numpy dtype of the result (``None``: keep the data's own; an array of that dtype passes
+            through without a copy).
 
     Raises:
-        TypeError: ``data`` is neither.
+        TypeError: ``data`` is neither, or a bfloat16 tensor without a ``dtype``.
     """
-    if isinstance(data, np.ndarray):
-        return data
+    if not isinstance(data, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"tonumpy expects a numpy array or a torch tensor, got {type(data).__name__}")
     if isinstance(data, torch.Tensor):
-        return data.detach().cpu().numpy()
-    raise TypeError(f"tonumpy expects a numpy array or a torch tensor, got {type(data).__name__}")
+        data = data.detach()
+        if dtype is not None:
+            data = data.to(_TORCH_DTYPES.get(np.dtype(dtype), data.dtype))
+        elif data.dtype == torch.bfloat16:
+            raise TypeError("tonumpy: numpy has no bfloat16; pass dtype=np.float32")
+        data = data.cpu().numpy()
+    return np.asarray(data, dtype=dtype)
 
 
 def totensor(data: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:

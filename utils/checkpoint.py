@@ -1,57 +1,58 @@
-"""Checkpoint files: atomic writes, safe reads with clear errors, and models rebuilt from them.
+"""Checkpoint files: the one place that builds, writes and reads them, and rebuilds models from them.
 
-One format, written by :meth:`trainer.FasterRCNNTrainer.save` and read by ``train.py eval``, ``demo.py`` and
-the notebook through :func:`load_checkpoint` (the single entry point for reading). A checkpoint is a ``dict``
-of plain containers and tensors only, so ``torch.load(path, weights_only=True)`` reads it and no code stored
-in the file ever runs:
+:func:`make_checkpoint` builds the dictionary (the trainer, the reader of the original's files and the
+chainercv converter all call it), :func:`save_checkpoint` writes it atomically (``utils/files.py``: temp file,
+fsync, rename; the permissions of a plain ``torch.save`` under the user's umask), :func:`load_checkpoint`
+reads any checkpoint safely and :func:`restore_checkpoint` puts one into a model, an optimizer and a
+gradient scaler. A checkpoint is a ``dict`` of plain containers and tensors only, so
+``torch.load(path, weights_only=True)`` reads it and no code stored in the file ever runs:
 
     {
       'format': 'simple-faster-rcnn-pytorch/1',
       'model': FasterRCNN state_dict,
-      'arch': {'name': 'vgg16', 'n_fg_class': 20, 'ratios': [...], 'anchor_scales': [...], ...},
+      'arch': {'name': 'vgg16', 'n_fg_class': 20, 'ratios': [...], 'anchor_scales': [...],
+               'proposal_creator_params': {...}, ...},
       'class_names': [n_fg_class names],
       'config': {the training Config as plain values; may be partial},
       'other_info': {'epoch': int, 'best_map': float, 'iteration': int, 'lr': float, ...},
       'optimizer': optimizer.state_dict(),   # optional
+      'scaler': GradScaler.state_dict(),     # optional: float16 mixed-precision training on CUDA
       'vis_info': {...},                      # optional
     }
 
-Unlike the original (``torch.save`` straight onto the final path, numpy scalars inside), a file is written to
-a temporary name in the same folder, flushed to disk and renamed over the destination, so a crash or a kill
-at any moment leaves either the old checkpoint or the new one, never a half-written file. A kill can leave the
-temporary file (``.<name>.<pid>.<random>.tmp``, which no reader looks at); :func:`remove_stale_temp_files`
-deletes those of processes that are gone.
+Unlike the original (``torch.save`` straight onto the final path, numpy scalars inside), a crash or a kill at
+any moment leaves either the old checkpoint or the new one, never a half-written file.
 """
 
 import dataclasses
 import os
 import pickle
-import re
-import tempfile
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
+from utils.files import SAVE_PAUSE_ENV, atomic_write, remove_stale_temp_files
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CheckpointError",
+    "SAVE_PAUSE_ENV",
     "atomic_save",
     "check_arch",
     "checkpoint_config",
+    "default_class_names",
     "load_checkpoint",
+    "make_checkpoint",
     "model_from_checkpoint",
     "remove_stale_temp_files",
+    "restore_checkpoint",
+    "save_checkpoint",
     "to_plain",
 ]
 
 CHECKPOINT_FORMAT = "simple-faster-rcnn-pytorch/1"
 _REQUIRED_KEYS = ("model", "arch")
-# Test-only: seconds atomic_save waits with the complete temp file before renaming it, so that a test can
-# kill the process inside the write window (tests/test_robustness.py). Unset in normal use.
-SAVE_PAUSE_ENV = "SIMPLE_FASTER_RCNN_TEST_SAVE_PAUSE"
-_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp")
 
 
 class CheckpointError(ValueError):
@@ -82,84 +83,73 @@ def to_plain(value):
     raise TypeError(f"cannot store a {type(value).__name__} in a checkpoint (plain values and tensors only)")
 
 
+def default_class_names(n_fg_class: int) -> list[str]:
+    """The class names of a model or checkpoint that has none: VOC's 20 names for 20 classes (the
+    original's model), ``class_0, class_1, ...`` otherwise."""
+    if n_fg_class == 20:
+        from data.voc_dataset import VOC_BBOX_LABEL_NAMES
+
+        return list(VOC_BBOX_LABEL_NAMES)
+    return [f"class_{i}" for i in range(n_fg_class)]
+
+
+def make_checkpoint(
+    model_state: Mapping[str, torch.Tensor],
+    arch: Mapping,
+    class_names: Sequence[str] | None = None,
+    *,
+    config: Mapping | None = None,
+    other_info: Mapping | None = None,
+    optimizer: Mapping | None = None,
+    scaler: Mapping | None = None,
+    vis_info: Mapping | None = None,
+) -> dict:
+    """The checkpoint dictionary of the module docstring, of plain values and tensors only.
+
+    Args:
+        model_state: the model's ``state_dict()``.
+        arch: the model's ``arch`` (``model.arch_of``); stored completed (``model.canonical_arch``).
+        class_names: the ``n_fg_class`` names in label order; ``None``: :func:`default_class_names`.
+        config: the training options (a ``Config`` or its dict).
+        other_info: run state (``epoch``, ``best_map``, ``iteration``, ``lr``, ...).
+        optimizer, scaler: ``state_dict()`` of the optimizer and of the gradient scaler, to resume.
+        vis_info: the visualizer's state.
+
+    Raises:
+        TypeError: a value that ``torch.load(weights_only=True)`` could not read back (see :func:`to_plain`).
+        ValueError: ``class_names`` does not have one name per foreground class.
+    """
+    from model import canonical_arch
+
+    arch = to_plain(canonical_arch(arch))
+    n_fg_class = arch.get("n_fg_class")
+    names = default_class_names(n_fg_class) if class_names is None else [str(n) for n in class_names]
+    if n_fg_class is not None and len(names) != n_fg_class:
+        raise ValueError(f"{len(names)} class names for a model of {n_fg_class} classes")
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model": dict(model_state),
+        "arch": arch,
+        "class_names": names,
+        "config": to_plain(config) if config is not None else {},
+        "other_info": to_plain(dict(other_info or {})),
+    }
+    for key, value in (("optimizer", optimizer), ("scaler", scaler)):
+        if value is not None:
+            ckpt[key] = value
+    if vis_info is not None:
+        ckpt["vis_info"] = to_plain(vis_info)
+    return ckpt
+
+
+def save_checkpoint(ckpt: Mapping, path: str | os.PathLike) -> str:
+    """Write a checkpoint (:func:`make_checkpoint`) to ``path`` atomically; returns ``path`` as a string."""
+    return atomic_save(ckpt, path)
+
+
 def atomic_save(obj, path: str | os.PathLike) -> str:
-    """``torch.save(obj)`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
-
-    If anything fails (serialisation, a full disk, an exception), the temporary file is removed and an
-    existing file at ``path`` is left untouched; after a kill, only the temporary file may remain (see
-    :func:`remove_stale_temp_files`). The folder is created when missing.
-
-    Returns:
-        ``path`` as a string.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}.",
-                                    suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.environ.get(SAVE_PAUSE_ENV):
-            time.sleep(float(os.environ[SAVE_PAUSE_ENV]))
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_folder(folder)
-    return path
-
-
-def remove_stale_temp_files(folder: str | os.PathLike) -> list[str]:
-    """Delete the temp files that killed :func:`atomic_save` calls left in ``folder``.
-
-    Only files named as :func:`atomic_save` names them, by a process that no longer runs on this machine,
-    are removed (a save in progress in another process is left alone). A missing folder is fine.
-
-    Returns:
-        The paths removed.
-    """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return []
-    removed = []
-    for name in os.listdir(folder):
-        match = _TEMP_NAME.fullmatch(name)
-        if match and not _process_exists(int(match["pid"])):
-            path = os.path.join(folder, name)
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _fsync_folder(folder: str) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """``torch.save(obj)`` to ``path`` through :func:`utils.files.atomic_write`; returns ``path``."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -172,8 +162,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         map_location: where tensors land (``torch.load``'s argument); the CPU by default.
 
     Returns:
-        The checkpoint dict, with the optional keys filled: ``class_names`` (``None`` when absent),
-        ``config`` and ``other_info`` (empty dicts when absent).
+        The checkpoint dict, with its ``arch`` completed (``model.canonical_arch``: an arch written before a
+        setting existed means that setting's default) and the optional keys filled: ``class_names``
+        (:func:`default_class_names` when absent), ``config`` and ``other_info`` (empty dicts when absent).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -215,7 +206,14 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(
             f"checkpoint {path!r} has format {ckpt['format']!r}; this code reads {CHECKPOINT_FORMAT!r}"
         )
-    ckpt.setdefault("class_names", None)
+    from model import canonical_arch
+
+    try:
+        ckpt["arch"] = canonical_arch(ckpt["arch"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path!r} has an unusable 'arch' entry: {e}") from e
+    if not ckpt.get("class_names"):
+        ckpt["class_names"] = default_class_names(ckpt["arch"].get("n_fg_class"))
     ckpt.setdefault("config", {})
     ckpt.setdefault("other_info", {})
     return ckpt
@@ -224,9 +222,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 def check_arch(ckpt_arch: Mapping, model_arch: Mapping, path: str = "") -> None:
     """Raise ``CheckpointError`` naming both sides when a checkpoint does not fit a model.
 
-    The class count and the backbone name come first in the message (the usual mistake); any other differing
-    architecture value (anchor ratios/scales, dropout...) is listed after them.
+    Both archs are compared completed (``model.canonical_arch``). The class count and the backbone name
+    come first in the message (the usual mistake); any other differing architecture value (anchor
+    ratios/scales, dropout, proposal settings...) is listed after them.
     """
+    from model import canonical_arch
+
+    ckpt_arch, model_arch = to_plain(canonical_arch(ckpt_arch)), to_plain(canonical_arch(model_arch))
     differing = sorted(k for k in set(ckpt_arch) | set(model_arch) if ckpt_arch.get(k) != model_arch.get(k))
     if not differing:
         return
@@ -244,6 +246,33 @@ def check_arch(ckpt_arch: Mapping, model_arch: Mapping, path: str = "") -> None:
     raise CheckpointError(message)
 
 
+def restore_checkpoint(ckpt: Mapping, model, optimizer=None, scaler=None, path: str = "") -> None:
+    """Load a checkpoint read by :func:`load_checkpoint` into ``model`` (and ``optimizer``, ``scaler``).
+
+    Args:
+        ckpt: the checkpoint dict.
+        model: a ``FasterRCNN`` of the checkpoint's architecture (compared with :func:`check_arch` first).
+        optimizer: receives ``ckpt['optimizer']`` when both exist.
+        scaler: a ``torch.amp.GradScaler``; receives ``ckpt['scaler']`` when both exist.
+        path: the file, named in errors.
+
+    Raises:
+        CheckpointError: another architecture (the message names both sides), or weights that do not fit.
+    """
+    from model import arch_of
+
+    check_arch(ckpt["arch"], to_plain(arch_of(model)), path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        where = f"checkpoint {path!r}" if path else "the checkpoint"
+        raise CheckpointError(f"{where} does not fit its own architecture: {e}") from e
+    if optimizer is not None and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+
+
 def checkpoint_config(ckpt: Mapping):
     """The training ``utils.config.Config`` stored in ``ckpt`` (missing options from the defaults)."""
     from utils.config import Config
@@ -254,15 +283,11 @@ def checkpoint_config(ckpt: Mapping):
 def model_from_checkpoint(ckpt: Mapping, path: str = ""):
     """Build the ``FasterRCNN`` described by ``ckpt['arch']`` and load its weights (on the CPU).
 
-    The arch holds the image sizes and the normalisation the model was trained with, so ``predict``
-    preprocesses images the same way.
+    The arch holds the image sizes, the normalisation and the proposal settings the model was trained with,
+    so ``predict`` and evaluation work as in training.
     """
     from model import build_faster_rcnn
 
     model = build_faster_rcnn(dict(ckpt["arch"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        where = f"checkpoint {path!r}" if path else "the checkpoint"
-        raise CheckpointError(f"{where} does not fit its own architecture {ckpt['arch']}: {e}") from e
+    restore_checkpoint(ckpt, model, path=path)
     return model

@@ -1,8 +1,10 @@
 """Options of training and evaluation: one documented dataclass of defaults that users edit.
 
-``Config`` holds every option with its default and a one-line doc; ``opt = Config()`` is the instance that
-``train.py`` and ``trainer.py`` read (nothing in ``model/`` or ``data/`` imports this module: they take plain
-arguments or the attributes of an ``opt`` object handed to them).
+``Config`` holds every option with its default and a one-line doc. ``train.py`` builds one from the command
+line (:meth:`Config.parse`) and hands its values on: ``trainer.FasterRCNNTrainer.from_config`` takes the
+training settings, the model and the data sets take plain arguments or the ``Config`` object itself.
+Nothing in ``model/`` or ``data/`` imports this module. ``opt = Config()`` is kept for the original's
+``from utils.config import opt`` (the defaults; nothing here reads it).
 
 From the command line (fire turns ``--plot-every=100`` into ``plot_every=100``)::
 
@@ -34,7 +36,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Config", "ConfigError", "TOY_PRESET", "opt"]
+__all__ = ["Config", "ConfigError", "TOY_PRESET", "opt", "resolve_device"]
 
 
 class ConfigError(ValueError):
@@ -204,12 +206,8 @@ class Config:
 
     # --- reading ----------------------------------------------------------------------------------------
     def torch_device(self):
-        """The ``torch.device`` that ``device`` names (``'auto'``: cuda when available, else cpu)."""
-        import torch
-
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        """The ``torch.device`` that ``device`` names (:func:`resolve_device`)."""
+        return resolve_device(self.device)
 
     def __str__(self) -> str:
         width = max(len(f.name) for f in dataclasses.fields(self))
@@ -311,6 +309,25 @@ TOY_PRESET: dict[str, Any] = {
     "use_visdom": False,
     "env": "faster-rcnn-toy",
 }
+
+
+def resolve_device(name: str):
+    """The ``torch.device`` a ``--device`` value names: ``'auto'`` is cuda when available, else cpu.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA device on a machine without CUDA.
+    """
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={name!r}: CUDA is not available on this machine (try --device=cpu)")
+    return device
 
 
 # --- value conversion ---------------------------------------------------------------------------------------

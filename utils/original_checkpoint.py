@@ -54,7 +54,7 @@ from numpy._core.multiarray import _reconstruct, scalar
 
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES
 from model import FasterRCNNVGG16, arch_of
-from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, to_plain
+from utils.checkpoint import CheckpointError, default_class_names, make_checkpoint, to_plain
 
 __all__ = [
     "ORIGINAL_CAFFE_MEAN_SHIFT",
@@ -157,10 +157,8 @@ def convert_original_checkpoint(obj: Mapping, path: str | os.PathLike = "") -> d
         state["extractor.0.bias"] = _fold_caffe_mean_shift(*conv1_1)
         notes.append("caffe means: the original's swapped R/B means folded into conv1_1's bias")
 
-    if n_fg_class == len(VOC_BBOX_LABEL_NAMES):
-        class_names = list(VOC_BBOX_LABEL_NAMES)
-    else:
-        class_names = [f"class_{i}" for i in range(n_fg_class)]
+    class_names = default_class_names(n_fg_class)
+    if n_fg_class != len(VOC_BBOX_LABEL_NAMES):
         notes.append(f"{n_fg_class} classes without names: named class_0 ... class_{n_fg_class - 1}")
         warnings.warn(f"{where} has {n_fg_class} classes and the original stored no class names: "
                       f"they are named class_0 ... class_{n_fg_class - 1}", stacklevel=2)
@@ -169,17 +167,9 @@ def convert_original_checkpoint(obj: Mapping, path: str | os.PathLike = "") -> d
 
     other_info = to_plain(dict(obj.get("other_info") or {})) if not bare else {}
     other_info.update(converted_from=_CONVERTED_FROM, conversion_notes=notes)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "model": state,
-        "arch": arch,
-        "class_names": class_names,
-        "config": _config_of(config, caffe, use_drop),
-        "other_info": other_info,
-    }
-    if not bare and obj.get("vis_info") is not None:
-        ckpt["vis_info"] = to_plain(obj["vis_info"])
-    return ckpt
+    vis_info = None if bare else obj.get("vis_info")
+    return make_checkpoint(state, arch, class_names, config=_config_of(config, caffe, use_drop),
+                           other_info=other_info, vis_info=vis_info)
 
 
 def _head_layout(state: Mapping, where: str) -> tuple[int, bool]:

@@ -16,10 +16,9 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -29,8 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from utils.array_tool import tonumpy
+from utils.files import atomic_write
 
-__all__ = ["Visualizer", "VisdomUnavailableWarning", "fig4vis", "vis_bbox", "vis_image", "visdom_bbox"]
+__all__ = ["Visualizer", "VisdomUnavailableWarning", "fig4vis", "plot_training_pictures", "vis_bbox",
+           "vis_image", "visdom_bbox"]
 
 # Seconds to wait for a visdom server to accept a connection, and for it to answer a request (a shorter wait
 # for the first request: a port that accepts but never answers must not hold up the start of a run).
@@ -139,6 +140,29 @@ def visdom_bbox(*args, **kwargs) -> np.ndarray:
     return fig4vis(fig)
 
 
+def plot_training_pictures(vis: Visualizer, trainer, img, bbox, label) -> None:
+    """The original's pictures of a plot step, when visdom is connected: the ground truth and the
+    prediction of the training image, and both confusion matrices of the trainer's meters.
+
+    Args:
+        vis: the dashboard (nothing is drawn without a visdom server).
+        trainer: a ``trainer.FasterRCNNTrainer`` (its model, class names and confusion meters).
+        img: ``(3, H', W')`` preprocessed training image (tensor or array).
+        bbox: ``(R, 4)`` its ground-truth boxes in pixels of ``img``; ``label``: ``(R,)`` their labels.
+    """
+    if not vis.connected:
+        return
+    from data.dataset import inverse_normalize
+
+    model, names = trainer.faster_rcnn, trainer.class_names
+    ori_img = inverse_normalize(tonumpy(img, np.float32), model.normalize)
+    vis.img("gt_img", visdom_bbox(ori_img, tonumpy(bbox), tonumpy(label), label_names=names))
+    bboxes, labels, scores = model.predict([ori_img], visualize=True)
+    vis.img("pred_img", visdom_bbox(ori_img, bboxes[0], labels[0], scores[0], label_names=names))
+    vis.text(str(trainer.rpn_cm.value().tolist()), win="rpn_cm")
+    vis.img("roi_cm", trainer.roi_cm.value().astype(np.float32)[None])
+
+
 class VisdomUnavailableWarning(UserWarning):
     """No visdom server answers (at start or any more): the run goes on without it."""
 
@@ -175,7 +199,7 @@ class Visualizer:
     * ``history.jsonl``: one JSON object per point, ``{"name", "step", "value", "time"}`` (Unix seconds);
     * ``curves.png``: one panel per series, value against step;
 
-    rewritten atomically (temp file + ``os.replace``) at most every ``flush_every`` seconds from
+    rewritten atomically (``utils.files.atomic_write``) at most every ``flush_every`` seconds from
     :meth:`plot`, and by :meth:`flush`. A ``history.jsonl`` already in ``log_dir`` (a resumed run) is read
     back and its series go on from their last step.
 
@@ -281,11 +305,6 @@ class Visualizer:
         if self.vis is not None:
             self._call("images", _as_array(img), win=name, opts={"title": name}, **kwargs)
 
-    def img_many(self, d: Mapping[str, object]) -> None:
-        """:meth:`img` each ``{name: image}``."""
-        for name, img in d.items():
-            self.img(name, img)
-
     def text(self, text, win: str = "text") -> None:
         """Show ``text`` (anything; shown as ``str(text)``) in window ``win``."""
         self._call("text", str(text), win=win)
@@ -325,9 +344,9 @@ class Visualizer:
             return
         os.makedirs(self.log_dir, exist_ok=True)
         lines = "".join(json.dumps(record) + "\n" for record in self.history)
-        _atomic_write(os.path.join(self.log_dir, "history.jsonl"), lambda f: f.write(lines.encode()))
+        atomic_write(os.path.join(self.log_dir, "history.jsonl"), lambda f: f.write(lines.encode()))
         fig = _curves_figure(self.history)
-        _atomic_write(os.path.join(self.log_dir, "curves.png"), lambda f: fig.savefig(f, format="png"))
+        atomic_write(os.path.join(self.log_dir, "curves.png"), lambda f: fig.savefig(f, format="png"))
         self._dirty = False
 
     def _read_history(self) -> None:
@@ -369,19 +388,3 @@ def _curves_figure(history: Sequence[dict]) -> Figure:
         ax.set_xlabel("step")
         ax.grid(True, alpha=0.3)
     return fig
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-    """Call ``write(binary_file)`` on a temp file beside ``path``, then move it onto ``path``: a reader (or a
-    kill at any moment) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix="." + os.path.basename(path),
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

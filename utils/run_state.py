@@ -1,0 +1,184 @@
+"""Where a training run stands, and how it is saved and resumed: the run folder, its checkpoints, the epoch's
+sample order, the random generators, the lr decay.
+
+A run writes into ``<save_dir>/<run name>/`` (:func:`run_dir`): ``best.pth`` (best test mAP so far),
+``last.pth`` (the latest resumable state: the end of the latest epoch, or where a stop signal ended the run),
+and the visualizer's ``history.jsonl`` and ``curves.png``. Every checkpoint carries the :class:`RunState` in
+its ``other_info`` and the random generators' states, so that any of them resumes: ``--load-path`` continues
+at the same epoch, position in the epoch, weights, optimizer (momentum, lr), best mAP, lr decay and random
+state; with ``num_workers=0`` a resumed run trains exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+
+import torch
+from torch.utils.data import RandomSampler
+
+from utils.files import remove_stale_temp_files
+
+__all__ = ["RunState", "TrainingRun", "epoch_order", "rng_state", "run_dir", "set_rng_state"]
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run stands; stored in every checkpoint's ``other_info`` so that any of them resumes.
+
+    Attributes:
+        epoch: epochs completed (the epoch under way, counted from 0).
+        iteration: training steps taken since the start of the run.
+        best_map: best test mAP so far (``None`` before the first evaluation).
+        lr_decayed: whether the lr decay of ``lr_decay_epoch`` was applied.
+        order: the current epoch's sample order (indices into the training set); ``None`` between epochs.
+        position: how many samples of ``order`` were trained (``len(order)``: training done, evaluation
+            pending).
+    """
+
+    epoch: int = 0
+    iteration: int = 0
+    best_map: float | None = None
+    lr_decayed: bool = False
+    order: list[int] | None = None
+    position: int = 0
+
+    def other_info(self) -> dict:
+        """The plain values to save; ``epoch_order``/``epoch_position`` only inside an epoch."""
+        info = {"epoch": self.epoch, "iteration": self.iteration, "best_map": self.best_map,
+                "lr_decayed": self.lr_decayed}
+        if self.order is not None:
+            info.update(epoch_order=list(self.order), epoch_position=self.position)
+        return info
+
+    @classmethod
+    def from_other_info(cls, info: dict, n_samples: int, lr_decay_epoch: int) -> RunState:
+        """The state saved by :meth:`other_info` (or by an older version of this code, or the original).
+
+        A saved epoch order that does not fit a training set of ``n_samples`` (the data set changed) is
+        dropped with a warning: that epoch restarts from its beginning.
+        """
+        epoch = int(info.get("epoch", 0))
+        state = cls(epoch=epoch, iteration=int(info.get("iteration", 0)), best_map=info.get("best_map"),
+                    lr_decayed=bool(info.get("lr_decayed", epoch > lr_decay_epoch)))
+        order = info.get("epoch_order")
+        if order is not None:
+            if sorted(order) == list(range(n_samples)):
+                state.order, state.position = [int(i) for i in order], int(info.get("epoch_position", 0))
+            else:
+                warnings.warn(f"the training set has {n_samples} samples, the checkpoint's epoch order "
+                              f"{len(order)}: epoch {epoch} restarts from its beginning", stacklevel=2)
+        return state
+
+    def where(self) -> str:
+        """``'epoch E, sample P of N'`` inside an epoch, ``'the start of epoch E'`` between epochs."""
+        if self.order is None:
+            return f"the start of epoch {self.epoch}"
+        return f"epoch {self.epoch}, sample {self.position} of {len(self.order)}"
+
+
+def run_dir(save_dir: str, run_name: str, load_path: str | None, backbone: str, data: str) -> str:
+    """The run folder: ``save_dir/run_name`` when a name is given; when resuming from a checkpoint inside
+    ``save_dir``, that checkpoint's folder; otherwise a new ``save_dir/<backbone>_<data>_<date-time>``."""
+    if run_name:
+        return os.path.join(save_dir, run_name)
+    if load_path:
+        folder = os.path.dirname(os.path.abspath(load_path))
+        if os.path.dirname(folder) == os.path.abspath(save_dir):
+            return folder
+    return os.path.join(save_dir, f"{backbone}_{data}_{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def epoch_order(n_samples: int, seed: int | None, epoch: int) -> list[int]:
+    """The sample order of an epoch: the one ``DataLoader(shuffle=True)`` would draw. Seeded runs draw it
+    from ``seed + epoch``, so it does not depend on where the run was resumed; unseeded runs from torch's
+    global generator."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed + epoch)
+    return list(RandomSampler(range(n_samples), generator=generator))
+
+
+def rng_state(trainer, dataset) -> dict:
+    """The random generators a resumed run must continue: the target creators' (the trainer's), the flips'
+    (the training set's, in the main process) and torch's; plain values and a tensor."""
+    return {"creators": trainer.rng_state(), "flips": dataset.rng_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(rng: dict | None, trainer, dataset) -> None:
+    """Restore what :func:`rng_state` saved (nothing for ``None``: a checkpoint without it)."""
+    if not rng:
+        return
+    trainer.set_rng_state(rng["creators"])
+    dataset.set_rng_state(rng["flips"])
+    torch.set_rng_state(rng["torch"].cpu())  # the checkpoint was read onto the model's device
+
+
+class TrainingRun:
+    """The checkpoints of one run and the decisions at the end of an epoch: best checkpoint, lr decay.
+
+    Args:
+        trainer: a ``trainer.FasterRCNNTrainer``.
+        dataset: the training ``data.dataset.Dataset`` (its flip generator is saved).
+        vis: the ``utils.vis_tool.Visualizer`` (its state is saved; it logs the decisions).
+        state: the :class:`RunState`, updated in place by the training loop and here.
+        folder: the run folder (:func:`run_dir`); temp files of killed writes in it are removed now.
+        lr_decay_epoch, lr_decay: after epoch ``lr_decay_epoch`` (0-based) the lr is multiplied by
+            ``lr_decay``, once.
+    """
+
+    def __init__(self, trainer, dataset, vis, state: RunState, folder: str, lr_decay_epoch: int,
+                 lr_decay: float):
+        self.trainer, self.dataset, self.vis, self.state = trainer, dataset, vis, state
+        self.lr_decay_epoch, self.lr_decay = lr_decay_epoch, lr_decay
+        self.paths = {"best": os.path.join(folder, "best.pth"), "last": os.path.join(folder, "last.pth")}
+        self.saved = False  # whether last.pth holds the current state
+        remove_stale_temp_files(folder)
+
+    def resume(self, path: str) -> dict:
+        """Load the checkpoint at ``path`` into the trainer and this run (state, random generators); apply
+        the lr decay a checkpoint written just before it still lacks. Returns the checkpoint."""
+        ckpt = self.trainer.load(path)
+        info = ckpt["other_info"]
+        self.state = RunState.from_other_info(info, len(self.dataset), self.lr_decay_epoch)
+        set_rng_state(info.get("rng"), self.trainer, self.dataset)
+        if ckpt.get("vis_info") is not None:
+            self.vis.load_state_dict(ckpt["vis_info"])
+        if self.state.epoch > self.lr_decay_epoch and not self.state.lr_decayed:
+            self.decay_lr()  # resumed from a best.pth written just before the decay
+        return ckpt
+
+    def save(self, name: str) -> None:
+        """Write the current state to ``best.pth`` or ``last.pth``."""
+        self.trainer.save(self.paths[name], vis_info=self.vis.state_dict(), **self.state.other_info(),
+                          rng=rng_state(self.trainer, self.dataset))
+        self.saved = name == "last"
+
+    def end_of_epoch(self, eval_map: float | None) -> None:
+        """Best checkpoint (if improved; ``eval_map`` None: not evaluated), lr decay, then ``last.pth``; the
+        epoch counts as completed.
+
+        After epoch ``lr_decay_epoch`` the best checkpoint is reloaded, model *and* optimizer (the original
+        kept the latest momentum buffers with the best weights), then the lr is scaled by ``lr_decay``.
+        """
+        state, vis = self.state, self.vis
+        epoch = state.epoch
+        state.epoch, state.order, state.position = epoch + 1, None, 0
+        if eval_map is not None and (state.best_map is None or eval_map > state.best_map):
+            state.best_map = eval_map
+            self.save("best")
+        if epoch == self.lr_decay_epoch:
+            if os.path.exists(self.paths["best"]):
+                self.trainer.load(self.paths["best"])
+                vis.log(f"epoch {epoch}: reloaded {self.paths['best']}")
+            else:  # resumed into a new run folder, best mAP from the old run not beaten yet: keep going as is
+                vis.log(f"epoch {epoch}: no {self.paths['best']} to reload; the lr decays on the current "
+                        "weights")
+            self.decay_lr()
+        self.save("last")
+        vis.save()
+
+    def decay_lr(self) -> None:
+        self.trainer.scale_lr(self.lr_decay)
+        self.state.lr_decayed = True
+        self.vis.log(f"lr decayed to {self.trainer.lr:.3g}")
