@@ -1,4 +1,4 @@
-"""Check a VOC-layout data set before training: every listed sample must be usable.
+"""Check a data set (VOC or COCO layout) before training: every listed sample must be usable.
 
 For each id of a split, :func:`check_dataset` verifies that
 
@@ -6,7 +6,12 @@ For each id of a split, :func:`check_dataset` verifies that
   hours into training) into RGB (grayscale, CMYK, palette... images are fine: :func:`data.util.read_image`
   converts them);
 * the annotation XML exists and parses, and every ``<object>`` in it (difficult ones included) has a known
-  class name and a box with finite coordinates, positive area and inside the image.
+  class name and a box with finite coordinates, positive area and inside the image;
+* for a COCO data set (:class:`data.coco_dataset.COCOBboxDataset`, ``db.box_convention == 'coco'``): every
+  annotation of the image (crowd ones included) has a category id the json lists and a ``bbox`` of four
+  finite numbers with positive area inside the image, and the decoded image has the ``width`` and
+  ``height`` the json records (a mismatch, e.g. from a tool that applied the EXIF rotation, would misplace
+  every box). Messages name the image id, its file and the annotation id.
 
 "Inside the image" is judged against the decoded image's size, in VOC's convention: the XML holds 1-based
 inclusive pixel indices, so a box spans ``1 <= xmin < xmax <= W`` (``W`` the image width; likewise ``y``
@@ -14,6 +19,10 @@ with ``H``). One pixel of tolerance is allowed on each side (``0 <= xmin`` and `
 that write 0-based indices, or the right/bottom image edge, produce such boxes and they train fine. A box
 touching the border is valid. Zero area (``xmin == xmax``) is an error: the original's box arithmetic uses
 ``xmax - xmin`` as the width (no ``+ 1``), so such a box would make a log of zero in the regression targets.
+
+COCO boxes are ``[x, y, w, h]`` in continuous 0-based coordinates, so inside means ``0 <= x`` and
+``x + w <= W`` (and the same for ``y``, ``h``, ``H``), with the same one pixel of tolerance on each side;
+zero or negative ``w`` or ``h`` is "no area". A db without ``box_convention`` is judged as VOC.
 
 An image whose XML lists no object (or only difficult ones, which training leaves out) is not an error: it
 trains as background only (every anchor and RoI a negative). Such images are counted in the report.
@@ -64,13 +73,13 @@ class Problem:
 
     Attributes:
         index: the sample's index in the split.
-        image_id: its id (the line of ``ImageSets/Main/<split>.txt``).
-        path: the file at fault (the image or the annotation XML).
+        image_id: its id (the line of ``ImageSets/Main/<split>.txt``; for COCO, the int image id).
+        path: the file at fault (the image, the annotation XML or the COCO json).
         reason: what is wrong, in words.
     """
 
     index: int
-    image_id: str
+    image_id: str | int
     path: str
     reason: str
 
@@ -83,7 +92,7 @@ class DataReport:
     """The result of :func:`check_dataset` for one split.
 
     Attributes:
-        data_dir: root of the VOC tree.
+        data_dir: root of the VOC (or COCO) tree.
         split: the split checked.
         n_checked: number of ids checked.
         problems: every problem found, in id order (a sample may have several).
@@ -155,33 +164,67 @@ def _box_problems(bbox: np.ndarray, label: np.ndarray, size: tuple[int, int], na
     return reasons
 
 
+def _coco_box_problems(bbox: np.ndarray, label: np.ndarray, size: tuple[int, int], names,
+                       annotation_ids: list) -> list[str]:
+    """Reasons why COCO boxes do not fit an image of ``size = (H, W)``; ``bbox`` as the COCO reader gives
+    them (``(y, x, y + h, x + w)``). Messages quote COCO's ``[x, y, w, h]`` and the annotation id."""
+    height, width = size
+    reasons = []
+    for box, lb, ann_id in zip(bbox.tolist(), label.tolist(), annotation_ids, strict=True):
+        y_min, x_min, y_max, x_max = box
+        what = (f"annotation id {ann_id} ({names[lb]!r}) bbox x={x_min:g} y={y_min:g} w={x_max - x_min:g} "
+                f"h={y_max - y_min:g}")
+        if not all(math.isfinite(v) for v in box):
+            reasons.append(f"{what}: a coordinate is not a finite number")
+        elif x_max <= x_min or y_max <= y_min:
+            reasons.append(f"{what}: no area (needs w > 0 and h > 0)")
+        elif (min(x_min, y_min) < -BOX_TOLERANCE or x_max > width + BOX_TOLERANCE
+              or y_max > height + BOX_TOLERANCE):
+            reasons.append(f"{what}: outside the {width}x{height} (width x height) image")
+    return reasons
+
+
+def _is_coco(db) -> bool:
+    return getattr(db, "box_convention", "voc") == "coco"
+
+
 def check_sample(db, i: int) -> tuple[list[Problem], bool]:
     """Check sample ``i`` of ``db`` (see the module docstring).
 
     Args:
-        db: a :class:`data.voc_dataset.VOCBboxDataset` (its ``use_difficult`` decides which objects the
-            sample uses; every object is checked either way).
+        db: a :class:`data.voc_dataset.VOCBboxDataset` or :class:`data.coco_dataset.COCOBboxDataset` (its
+            ``use_difficult`` decides which objects the sample uses; every object is checked either way).
         i: the sample's index.
 
     Returns:
         ``(problems, empty)``: the problems found (an empty list for a good sample) and whether the sample
-        uses no object.
+        uses no object. A COCO sample's reasons start with its image id and file (``image id 42
+        (000042.jpg) ...``), as the path of its annotation problems is the json shared by every sample.
     """
     image_id = db.ids[i]
+    coco = _is_coco(db)
+    where = f"{db.describe(i)}: " if coco else ""
     problems = []
     try:
         size = read_image(db.image_path(i), dtype=np.uint8).shape[1:]  # full decode: catches truncation
     except DataError as e:
-        problems.append(Problem(i, image_id, e.path, e.reason))
+        problems.append(Problem(i, image_id, e.path, where + e.reason))
         size = None
+    if coco and size is not None and db.image_size(i) not in (None, tuple(size)):
+        (json_h, json_w), (height, width) = db.image_size(i), size
+        reason = f"{where}the image is {width}x{height} (width x height) but the json says {json_w}x{json_h}"
+        problems.append(Problem(i, image_id, db.image_path(i), reason))
     every_object = copy.copy(db)  # the same ids, all objects
     every_object.use_difficult = True
     try:
         bbox, label, difficult = every_object.get_annotation(i)
     except DataError as e:
-        problems.append(Problem(i, image_id, e.path, e.reason))
+        problems.append(Problem(i, image_id, e.path, e.reason))  # a COCO reason names the ids already
         return problems, False
-    if size is not None:
+    if size is not None and coco:
+        reasons = _coco_box_problems(bbox, label, size, db.label_names, every_object.annotation_ids(i))
+        problems += [Problem(i, image_id, db.annotation_path(i), where + reason) for reason in reasons]
+    elif size is not None:
         problems += [Problem(i, image_id, db.annotation_path(i), reason)
                      for reason in _box_problems(bbox, label, size, db.label_names)]
     n_used = len(label) if db.use_difficult else int((~difficult).sum())
@@ -192,7 +235,7 @@ def check_dataset(db, progress: bool = True, n_threads: int | None = None) -> Da
     """Check every sample of a split (see the module docstring).
 
     Args:
-        db: a :class:`data.voc_dataset.VOCBboxDataset`.
+        db: a :class:`data.voc_dataset.VOCBboxDataset` or :class:`data.coco_dataset.COCOBboxDataset`.
         progress: show a tqdm bar.
         n_threads: reader threads; default ``min(8, CPU count)`` (the calling thread alone for small splits).
 
@@ -218,7 +261,10 @@ def check_dataset(db, progress: bool = True, n_threads: int | None = None) -> Da
     bar.close()
     problems = [p for sample_problems, _ in results for p in sample_problems]
     empty = [db.ids[i] for i, (_, is_empty) in enumerate(results) if is_empty]
-    if n == 0:
+    if n == 0 and _is_coco(db):
+        what = "no image with an object" if db.skip_empty else "no image"
+        problems.append(Problem(-1, "", db.annotation_file, f"lists {what}"))
+    elif n == 0:
         split_file = os.path.join(db.data_dir, "ImageSets", "Main", f"{db.split}.txt")
         problems.append(Problem(-1, "", split_file, "lists no image id"))
     return DataReport(db.data_dir, db.split, n, problems, empty, time.perf_counter() - start)
