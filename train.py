@@ -32,6 +32,7 @@ option, a value of the wrong type, a missing data folder or checkpoint, a checkp
 model); 130 / 143 stopped by SIGINT / SIGTERM after saving.
 """
 
+import functools
 import os
 import random
 import sys
@@ -44,7 +45,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.check import check_splits
-from data.dataset import Dataset, TestDataset, normalize_of
+from data.dataset import Dataset, TestDataset, collate_train, normalize_of
+from data.sampler import aspect_ratio_groups
 from data.util import DataError
 from model import FasterRCNN, FasterRCNNVGG16
 from model.faster_rcnn_toy import FasterRCNNToy
@@ -52,9 +54,9 @@ from model.utils.pretrained import PretrainedWeightsError
 from trainer import FasterRCNNTrainer, NonFiniteLossError
 from utils.checkpoint import CheckpointError
 from utils.config import Config, ConfigError
-from utils.evaluation import ap_table, evaluate, evaluate_checkpoint
+from utils.evaluation import ap_table, evaluate, evaluate_checkpoint, test_loader
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
-from utils.run_state import RunState, TrainingRun, epoch_order, run_dir
+from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, run_dir
 from utils.vis_tool import Visualizer, plot_training_pictures
 
 __all__ = ["build_model", "evaluates_after", "train", "eval_checkpoint", "main"]
@@ -101,40 +103,42 @@ def seed_everything(seed: int | None) -> None:
 
 
 def train_one_epoch(run: TrainingRun, cfg: Config, stop: StopSignals) -> None:
-    """Train the rest of the current epoch (``run.state.order`` from ``run.state.position``); plot every
+    """Train the rest of the current epoch (``run.state.batches`` from ``run.state.position``); plot every
     ``plot_every`` steps; stop safely between steps on a signal."""
     trainer, state, vis = run.trainer, run.state, run.vis
     trainer.reset_meters()
-    remaining = state.order[state.position:]
-    loader = DataLoader(run.dataset, batch_size=1, sampler=remaining, num_workers=cfg.num_workers,
+    remaining = state.batches[state.position:]
+    loader = DataLoader(run.dataset, batch_sampler=remaining, num_workers=cfg.num_workers,
+                        collate_fn=functools.partial(collate_train, multiple=trainer.faster_rcnn.feat_stride),
                         worker_init_fn=ignore_stop_signals)
     bar = tqdm(loader, desc=f"epoch {state.epoch}/{cfg.epoch}", initial=state.position,
-               total=len(state.order), dynamic_ncols=True)
-    for index, (img, bbox, label, scale) in zip(remaining, bar, strict=True):
+               total=len(state.batches), dynamic_ncols=True)
+    for batch, (imgs, bboxes, labels, scales, sizes) in zip(remaining, bar, strict=True):
         try:
-            trainer.train_step(img, bbox, label, scale)
+            trainer.train_step(imgs, bboxes, labels, scales, sizes)
         except NonFiniteLossError as e:
-            raise NonFiniteLossError(_non_finite_message(e, run, index)) from None
+            raise NonFiniteLossError(_non_finite_message(e, run, batch)) from None
         run.saved = False
         state.position += 1
         state.iteration += 1
         if state.iteration % cfg.plot_every == 0:
             vis.plot_many(trainer.get_meter_data(), step=state.iteration)
-            plot_training_pictures(vis, trainer, img[0], bbox[0], label[0])
+            height, width = sizes[0]
+            plot_training_pictures(vis, trainer, imgs[0, :, :height, :width], bboxes[0], labels[0])
         if state.iteration % 10 == 0:
             bar.set_postfix(loss=f"{trainer.meters['total_loss'].value():.3f}")
         stop.check()
 
 
-def _non_finite_message(error: NonFiniteLossError, run: TrainingRun, index: int) -> str:
+def _non_finite_message(error: NonFiniteLossError, run: TrainingRun, batch: list[int]) -> str:
     last = run.paths["last"]
     kept = (f"the last good checkpoint is {last} (resume with --load-path={last})" if os.path.exists(last)
             else "no checkpoint was written yet")
     state = run.state
-    return (f"{error} at iteration {state.iteration + 1} (epoch {state.epoch}, sample {state.position + 1} "
-            f"of {len(state.order)}), image id {run.dataset.ids[index]!r} "
-            f"({run.dataset.db.image_path(index)}). Training stopped before this step changed the weights; "
-            f"{kept}.")
+    images = ", ".join(f"{run.dataset.ids[i]!r} ({run.dataset.db.image_path(i)})" for i in batch)
+    return (f"{error} at iteration {state.iteration + 1} (epoch {state.epoch}, step {state.position + 1} "
+            f"of {len(state.batches)}), image id {images}. Training stopped before this step changed the "
+            f"weights; {kept}.")
 
 
 def evaluates_after(epoch: int, cfg: Config) -> bool:
@@ -159,20 +163,23 @@ def train(**kwargs) -> float | None:
     device = cfg.torch_device()
     seed_everything(cfg.seed)
 
-    # data: both splits checked before anything is trained
+    # data: both splits checked before anything is trained; images of similar aspect ratio batched together
     dataset = Dataset(cfg)
     testset = TestDataset(cfg)
     for report in check_splits([dataset, testset], skip_bad_samples=cfg.skip_bad_samples):
         print(report.summary())
-    test_loader = DataLoader(testset, batch_size=1, shuffle=False, num_workers=cfg.test_num_workers,
-                             pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    images_per_step = cfg.batch_size
+    groups = aspect_ratio_groups(dataset.image_sizes() if images_per_step > 1 else [(1, 1)] * len(dataset))
+    loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
+                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
-    # model and trainer
+    # model and trainer; the lr of one image per step times the images per step with --scale-lr
     model = build_model(cfg, len(dataset.label_names)).to(device)
     if device.type == "cpu":
         # oneDNN's convolutions run faster on channels-last maps (bench/train.py, bench/inference.py)
         model.to(memory_format=torch.channels_last)
-    trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names)
+    lr = cfg.lr * images_per_step if cfg.scale_lr else cfg.lr
+    trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names, lr=lr)
 
     # the run: its folder, dashboard, checkpoints; resumed from --load-path
     folder = run_dir(cfg.save_dir, cfg.run_name, cfg.load_path, cfg.backbone, cfg.data)
@@ -191,13 +198,14 @@ def train(**kwargs) -> float | None:
     with StopSignals() as stop:
         try:
             while state.epoch < cfg.epoch:
-                if state.order is None:
-                    state.order = epoch_order(len(dataset), cfg.seed, state.epoch)
+                if state.batches is None:
+                    order = epoch_order(len(dataset), cfg.seed, state.epoch)
+                    state.batches = epoch_batches(order, groups, cfg.batch_size)
                 train_one_epoch(run, cfg, stop)
                 losses = trainer.get_meter_data()
                 evaluated = evaluates_after(state.epoch, cfg)
                 if evaluated:
-                    eval_map = float(evaluate(test_loader, model, cfg.test_num, stop=stop)["map"])
+                    eval_map = float(evaluate(loader, model, testset, amp=cfg.amp, stop=stop)["map"])
                     vis.plot("test_map", eval_map, step=state.iteration)
                     vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, map {eval_map:.4f}, loss {losses}")
                     print(f"epoch {state.epoch}: test mAP {eval_map:.4f}, train loss "
@@ -236,8 +244,11 @@ def eval_checkpoint(**kwargs) -> float:
         raise ConfigError("eval needs --load-path=CHECKPOINT")
     result, class_names, n_images = evaluate_checkpoint(load_path, kwargs)
     eval_map = float(result["map"])
-    print(ap_table(result["ap"], class_names, eval_map))
-    print(f"mAP: {eval_map:.4f} ({n_images} test images, checkpoint {load_path})")
+    print(ap_table(result, class_names))
+    name = "COCO AP" if result["metric"] == "coco" else "mAP"
+    print(f"{name}: {eval_map:.4f} ({n_images} test images, checkpoint {load_path})")
+    if result.get("results_path"):
+        print(f"detections in COCO's results format: {result['results_path']}")
     return eval_map
 
 

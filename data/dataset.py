@@ -19,10 +19,11 @@ import numpy as np
 import torch.utils.data
 
 from data.toy_dataset import TOY_LABEL_NAMES, ensure_toy_voc
-from data.util import flip_bbox, random_flip, resize_bbox, resize_image
+from data.util import flip_bbox, random_flip, read_image_size, resize_bbox, resize_image
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 
-__all__ = ["preprocess", "inverse_normalize", "normalize_of", "Transform", "Dataset", "TestDataset"]
+__all__ = ["preprocess", "inverse_normalize", "normalize_of", "resized_size", "Transform", "Dataset",
+           "TestDataset", "pad_images", "collate_train", "collate_test"]
 
 _TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)  # RGB
 _TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)  # RGB
@@ -35,7 +36,7 @@ def _check_normalize(normalize: str) -> None:
         raise ValueError(f"normalize must be one of {_NORMALIZE_MODES}, got {normalize!r}")
 
 
-def _resized_size(size: tuple[int, int], min_size: int, max_size: int) -> tuple[int, int]:
+def resized_size(size: tuple[int, int], min_size: int, max_size: int) -> tuple[int, int]:
     """``(H, W)`` -> ``(H', W')``: shorter side to ``min_size`` unless the longer would pass ``max_size``.
 
     ``scale = min(min_size / min(H, W), max_size / max(H, W))`` and each side is ``H * scale`` rounded to
@@ -54,7 +55,7 @@ def preprocess(
 
     The resize is bilinear without anti-aliasing and with mirrored borders, the values of the original's
     ``skimage.transform.resize(..., mode='reflect', anti_aliasing=False)`` (:func:`data.util.resize_image`,
-    several times faster); see :func:`_resized_size` for the output size.
+    several times faster); see :func:`resized_size` for the output size.
 
     Args:
         img: ``(3, H, W)`` RGB in ``[0, 255]`` (any float or integer dtype).
@@ -68,7 +69,7 @@ def preprocess(
     _check_normalize(normalize)
     if img.ndim != 3 or img.shape[0] != 3:
         raise ValueError(f"preprocess wants a (3, H, W) RGB image, got shape {img.shape}")
-    out_h, out_w = _resized_size(img.shape[1:], min_size, max_size)
+    out_h, out_w = resized_size(img.shape[1:], min_size, max_size)
     img = np.asarray(img, dtype=np.float32) / 255.0
     img = resize_image(img, (out_h, out_w))
     if normalize == "caffe":
@@ -141,33 +142,77 @@ def normalize_of(opt) -> str:
     return "caffe" if opt.caffe_pretrain else "torchvision"
 
 
-def _voc_source(opt) -> tuple[str, tuple[str, ...]]:
-    """The data folder and the class names that ``opt`` selects; generates the toy set on first use."""
-    label_names = getattr(opt, "label_names", None)
-    if opt.data == "voc":
-        data_dir, default_names = opt.voc_data_dir, VOC_BBOX_LABEL_NAMES
-    elif opt.data == "toy":
-        data_dir, default_names = opt.toy_data_dir, TOY_LABEL_NAMES
-        ensure_toy_voc(data_dir)
-    else:
-        raise ValueError(f"opt.data must be 'voc' or 'toy', got {opt.data!r}")
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(
-            f"data folder not found: {data_dir} (--{opt.data}-data-dir). Pascal VOC 2007 is a download: see "
-            f"the README's section 'Train on Pascal VOC 2007'; --data=toy trains on a generated data set "
-            f"without any download")
-    return data_dir, tuple(label_names) if label_names else default_names
+def _split_db(opt, train: bool, use_difficult: bool, split: str | None = None):
+    """The reader of the split that ``opt`` selects (``VOCBboxDataset`` or ``COCOBboxDataset``); generates
+    the toy set on first use.
+
+    ``opt.data``: ``'voc'`` (``voc_data_dir``, splits ``trainval``/``test``), ``'toy'`` (the generated set
+    as VOC), ``'coco'`` (``coco_dir``, splits ``coco_train``/``coco_val``), ``'toy-coco'`` (the generated set
+    in COCO's layout). ``split`` replaces the test split's name.
+    """
+    label_names = tuple(getattr(opt, "label_names", None) or ())
+    if opt.data in ("voc", "toy"):
+        if opt.data == "toy":
+            data_dir, default_names = opt.toy_data_dir, TOY_LABEL_NAMES
+            ensure_toy_voc(data_dir)
+        else:
+            data_dir, default_names = opt.voc_data_dir, VOC_BBOX_LABEL_NAMES
+        if not os.path.isdir(data_dir):
+            raise FileNotFoundError(
+                f"data folder not found: {data_dir} (--voc-data-dir). Pascal VOC 2007 is a download: see the "
+                "README's section 'Train on Pascal VOC 2007'; --data=toy trains on a generated data set "
+                "without any download")
+        split = split or ("trainval" if train else "test")
+        return VOCBboxDataset(data_dir, split=split, use_difficult=use_difficult,
+                              label_names=label_names or default_names)
+    if opt.data in ("coco", "toy-coco"):
+        from data.coco_dataset import COCOBboxDataset
+        from data.toy_coco import ensure_toy_coco
+
+        if opt.data == "toy-coco":
+            data_dir = ensure_toy_coco(opt.toy_coco_dir)
+            split = split or ("trainval" if train else "test")
+        else:
+            data_dir = opt.coco_dir
+            split = split or (opt.coco_train if train else opt.coco_val)
+            if not os.path.isdir(data_dir):
+                raise FileNotFoundError(
+                    f"COCO folder not found: {data_dir} (--coco-dir; it holds "
+                    "annotations/instances_<split>.json and one image folder per split). --data=toy-coco "
+                    "trains on a generated data set in COCO's layout without any download")
+        return COCOBboxDataset(data_dir, split, use_difficult=use_difficult, label_names=label_names or None,
+                               skip_empty=train and bool(getattr(opt, "coco_skip_empty", False)))
+    raise ValueError(f"opt.data must be 'voc', 'toy', 'coco' or 'toy-coco', got {opt.data!r}")
 
 
 class _VOCSplit:
-    """What both data sets share: the VOC split they read (``db``), its ids, and dropping samples."""
+    """What both data sets share: the split they read (``db``: a ``VOCBboxDataset`` or a
+    ``COCOBboxDataset``), its ids and class names, image sizes, and dropping samples."""
 
     db: VOCBboxDataset
 
     @property
-    def ids(self) -> list[str]:
+    def ids(self) -> list:
         """The image id of each item: ``ids[i]`` is item ``i``'s."""
         return self.db.ids
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """The class names in label order."""
+        return tuple(self.db.label_names)
+
+    @property
+    def metric(self) -> str:
+        """How the split is scored: ``'voc'`` (VOC07 11-point mAP) or ``'coco'`` (COCO AP)."""
+        return "coco" if getattr(self.db, "box_convention", "voc") == "coco" else "voc"
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """``(H, W)`` of every item's original image, without decoding (file headers, or COCO's json)."""
+        sizes = []
+        for i in range(len(self)):
+            size = self.db.image_size(i)
+            sizes.append(size if size is not None else read_image_size(self.db.image_path(i)))
+        return sizes
 
     def drop(self, indices) -> None:
         """Stop serving the items at ``indices`` (e.g. the bad samples found by :mod:`data.check`); the
@@ -187,11 +232,13 @@ class Dataset(_VOCSplit):
     ``scale = H' / H`` float. Arrays are contiguous (no negative strides).
 
     Args:
-        opt: any object with the attributes ``data`` (``'voc'`` | ``'toy'``), ``voc_data_dir``,
-            ``toy_data_dir`` (the toy set is generated there on first use), ``min_size``, ``max_size``,
-            ``caffe_pretrain`` (caffe normalisation when true), and optionally ``label_names`` (empty
-            or ``None``: the VOC names, or the toy names for toy data) and ``seed`` (flip generator seed;
-            ``None`` or missing: unseeded).
+        opt: any object with the attributes ``data`` (``'voc'``, ``'toy'``, ``'coco'``, ``'toy-coco'``), the
+            folder of that data set (``voc_data_dir``, ``toy_data_dir``, ``coco_dir`` with ``coco_train`` and
+            ``coco_val``, ``toy_coco_dir``; the toy sets are generated there on first use), ``min_size``,
+            ``max_size``, ``caffe_pretrain`` (caffe normalisation when true), and optionally
+            ``label_names`` (empty or ``None``: the data set's own names), ``seed`` (flip generator seed;
+            ``None`` or missing: unseeded) and ``coco_skip_empty``.
+        rank: the process under torchrun; process ``r > 0`` draws its flips from ``(seed, r)``.
 
     Flips come from a ``numpy.random.Generator`` seeded with ``opt.seed``; in the main process
     (``num_workers=0``) the sequence of flips is reproducible. In a DataLoader worker the generator is
@@ -200,11 +247,11 @@ class Dataset(_VOCSplit):
     repeat each other's flips.
     """
 
-    def __init__(self, opt):
-        data_dir, self.label_names = _voc_source(opt)
-        self.db = VOCBboxDataset(data_dir, split="trainval", label_names=self.label_names)
+    def __init__(self, opt, rank: int = 0):
+        self.db = _split_db(opt, train=True, use_difficult=False)
         self.seed = getattr(opt, "seed", None)
-        self.tsf = Transform(opt.min_size, opt.max_size, normalize_of(opt), np.random.default_rng(self.seed))
+        entropy = self.seed if rank == 0 or self.seed is None else [self.seed, rank]
+        self.tsf = Transform(opt.min_size, opt.max_size, normalize_of(opt), np.random.default_rng(entropy))
         self._worker_seed = None
         self._worker_rng = None
 
@@ -243,16 +290,14 @@ class TestDataset(_VOCSplit):
 
     Args:
         opt: as for :class:`Dataset` (``seed`` unused).
-        split: the id list to read.
-        use_difficult: keep difficult objects (flagged in ``difficult``).
+        split: the split to read; ``None``: the data set's test split (``test``, or ``coco_val``).
+        use_difficult: keep difficult objects (COCO: crowd regions), flagged in ``difficult``.
     """
 
     __test__ = False  # a data set, not a pytest test class
 
-    def __init__(self, opt, split: str = "test", use_difficult: bool = True):
-        data_dir, self.label_names = _voc_source(opt)
-        self.db = VOCBboxDataset(
-            data_dir, split=split, use_difficult=use_difficult, label_names=self.label_names)
+    def __init__(self, opt, split: str | None = None, use_difficult: bool = True):
+        self.db = _split_db(opt, train=False, use_difficult=use_difficult, split=split)
         self.min_size = opt.min_size
         self.max_size = opt.max_size
         self.normalize = normalize_of(opt)
@@ -262,3 +307,52 @@ class TestDataset(_VOCSplit):
         img = preprocess(ori_img, self.min_size, self.max_size, self.normalize)
         size = (int(ori_img.shape[1]), int(ori_img.shape[2]))
         return img, size, bbox, label, difficult
+
+    def input_sizes(self) -> list[tuple[int, int]]:
+        """``(H', W')`` of every item's preprocessed image (what :func:`data.sampler.size_batches` groups)."""
+        return [resized_size(size, self.min_size, self.max_size) for size in self.image_sizes()]
+
+
+def pad_images(imgs, multiple: int) -> torch.Tensor:
+    """Stack ``(3, H_i, W_i)`` images into one ``(N, 3, H, W)`` float32 tensor.
+
+    Images of one size are stacked as they are (a batch of one is the image itself, as the original
+    trained). Otherwise each is padded with zeros (the mean colour, after normalisation) at the bottom and
+    right to the largest height and width, rounded up to a multiple of ``multiple`` (the feature stride, so
+    that every feature cell covers whole pixels of every image).
+    """
+    imgs = [torch.as_tensor(img, dtype=torch.float32) for img in imgs]
+    shapes = {tuple(img.shape) for img in imgs}
+    if len(shapes) == 1:
+        return torch.stack(imgs)
+    height = -(-max(img.shape[1] for img in imgs) // multiple) * multiple
+    width = -(-max(img.shape[2] for img in imgs) // multiple) * multiple
+    batch = imgs[0].new_zeros((len(imgs), imgs[0].shape[0], height, width))
+    for out, img in zip(batch, imgs, strict=True):
+        out[:, :img.shape[1], :img.shape[2]] = img
+    return batch
+
+
+def collate_train(batch, multiple: int = 16):
+    """A training batch from :class:`Dataset` items: ``(imgs, bboxes, labels, scales, sizes)``.
+
+    ``imgs`` ``(N, 3, H, W)`` float32 (:func:`pad_images`), then per image: ``bboxes`` ``(R_i, 4)`` and
+    ``labels`` ``(R_i,)`` arrays, ``scales`` floats, ``sizes`` its ``(H_i, W_i)`` inside ``imgs``.
+    ``DataLoader(..., collate_fn=functools.partial(collate_train, multiple=model.feat_stride))``.
+    """
+    imgs, bboxes, labels, scales = zip(*batch, strict=True)
+    sizes = [tuple(img.shape[1:]) for img in imgs]
+    return pad_images(imgs, multiple), list(bboxes), list(labels), [float(s) for s in scales], sizes
+
+
+def collate_test(batch):
+    """An evaluation batch from :class:`TestDataset` items of one preprocessed size (``data.sampler.
+    size_batches``): ``(imgs (N, 3, H', W') float32, sizes, bboxes, labels, difficults)`` with the original
+    ``(H, W)`` and the ground truth per image."""
+    imgs, sizes, bboxes, labels, difficults = zip(*batch, strict=True)
+    if len({img.shape for img in imgs}) != 1:
+        shapes = sorted({img.shape for img in imgs})
+        raise ValueError(f"an evaluation batch holds images of several sizes {shapes}; batch them with "
+                         "data.sampler.size_batches")
+    return torch.stack([torch.as_tensor(img) for img in imgs]), list(sizes), list(bboxes), list(labels), \
+        list(difficults)

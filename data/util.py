@@ -10,7 +10,8 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "DataError", "ImageReadError", "read_image", "resize_image", "resize_bbox", "flip_bbox", "random_flip",
+    "DataError", "ImageReadError", "read_image", "read_image_size", "resize_image", "resize_bbox",
+    "flip_bbox", "random_flip",
 ]
 
 # 16-bit grayscale (PNG/TIFF) opens in one of these modes; PIL's own conversion to 8 bits clips at 255
@@ -80,6 +81,22 @@ def read_image(path: str | os.PathLike, dtype=np.float32, color: bool = True) ->
     if array.ndim == 2:
         return array[None].astype(dtype)  # (H, W) -> (1, H, W)
     return array.transpose((2, 0, 1)).astype(dtype)  # (H, W, C) -> (C, H, W)
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(H, W)`` of an image file from its header, without decoding it (the size :func:`read_image` gives:
+    no EXIF rotation).
+
+    Raises:
+        ImageReadError: the file is missing or not an image.
+    """
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except FileNotFoundError as e:
+        raise ImageReadError(path, "no such file") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageReadError(path, f"cannot read image ({type(e).__name__}: {e})") from e
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
-from data.util import DataError, read_image
+from data.util import DataError, read_image, read_image_size
 
 __all__ = ["VOC_BBOX_LABEL_NAMES", "AnnotationError", "VOCBboxDataset"]
 
@@ -121,6 +121,11 @@ class VOCBboxDataset:
     def image_path(self, i: int) -> str:
         """Path of the JPEG file of item ``i``."""
         return os.path.join(self.data_dir, "JPEGImages", f"{self.ids[i]}.jpg")
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(H, W)`` of item ``i``'s image, from the file's header (not the XML's ``<size>``, which tools
+        sometimes get wrong)."""
+        return read_image_size(self.image_path(i))
 
     def get_annotation(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The boxes of item ``i`` without reading its image.

@@ -4,7 +4,7 @@ Ren et al., "Faster R-CNN: Towards Real-Time Object Detection with Region Propos
 
 Shape symbols used below:
 
-    N:    batch size (``predict`` runs its images one at a time).
+    N:    batch size (images of a batch may have their own sizes inside a padded ``(N, 3, H', W')`` tensor).
     H, W: height and width of an input image; ``H', W'`` after preprocessing.
     R:    RoIs of an image (at most 300 at test time).
     L:    classes of the RoI head, background included (``n_class = n_fg_class + 1``; class 0 is background).
@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data.dataset import preprocess
+from data.sampler import size_batches
 from model.utils.nms import non_maximum_suppression
 from utils.array_tool import tonumpy
 
@@ -88,14 +89,17 @@ class FasterRCNN(nn.Module):
         return self.rpn.feat_stride
 
     def forward(
-        self, x: torch.Tensor, scale: float = 1.0
+        self, x: torch.Tensor, scale=1.0, sizes=None
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
         """Run extractor, RPN and head on a batch of preprocessed images.
 
         Args:
-            x: ``(N, 3, H', W')`` float preprocessed images.
-            scale: how much the images were scaled from the originals (the RPN drops proposals smaller than
-                ``16 * scale`` pixels).
+            x: ``(N, 3, H', W')`` float preprocessed images, padded at the bottom and right when their sizes
+                differ (``data.dataset.pad_images``).
+            scale: how much the images were scaled from the originals, one float or one per image (the RPN
+                drops proposals smaller than ``16 * scale`` pixels).
+            sizes: each image's ``(H', W')`` inside ``x`` (its proposals are clipped to it); ``None``: every
+                image fills ``x``.
 
         Returns:
             ``(roi_cls_locs, roi_scores, rois, roi_indices)``:
@@ -103,11 +107,12 @@ class FasterRCNN(nn.Module):
             * ``roi_cls_locs``: ``(R, L * 4)`` float tensor, normalised offsets of every RoI for every class.
             * ``roi_scores``: ``(R, L)`` float tensor of class logits.
             * ``rois``: ``(R, 4)`` float32 numpy array, ``(y_min, x_min, y_max, x_max)`` in ``x``'s pixels.
-            * ``roi_indices``: ``(R,)`` int32 numpy array, the image of each RoI.
+            * ``roi_indices``: ``(R,)`` int32 numpy array, the image of each RoI (ascending).
         """
-        img_size = (x.shape[2], x.shape[3])
+        if sizes is None:
+            sizes = (x.shape[2], x.shape[3])
         h = self.extractor(x.contiguous(memory_format=self._extractor_memory_format()))
-        _, _, rois, roi_indices, _ = self.rpn(h, img_size, scale)
+        _, _, rois, roi_indices, _ = self.rpn(h, sizes, scale)
         roi_cls_locs, roi_scores = self.head(h, rois, roi_indices)
         return roi_cls_locs, roi_scores, rois, roi_indices
 
@@ -141,13 +146,21 @@ class FasterRCNN(nn.Module):
 
     @torch.no_grad()
     def predict(
-        self, imgs, sizes=None, visualize: bool = False, score_thresh: float | None = None
+        self, imgs, sizes=None, visualize: bool = False, score_thresh: float | None = None,
+        batch_size: int = 1,
     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """Detect objects in images.
 
-        Runs in eval mode (test-time proposal counts) without gradients, on the model's device, one image at
-        a time; the train/eval mode and the thresholds found on entry are restored on exit (the original
-        always left the model in train mode with the ``'evaluate'`` preset).
+        Runs in eval mode (test-time proposal counts) without gradients, on the model's device; the
+        train/eval mode and the thresholds found on entry are restored on exit (the original always left the
+        model in train mode with the ``'evaluate'`` preset). Under ``torch.autocast`` the network runs in the
+        autocast dtype and the decoding and suppression in float32.
+
+        Batches: up to ``batch_size`` images *of the same preprocessed size* go through the network
+        together, in order of first appearance; images are never padded here, so every image's detections
+        are those of predicting it alone (padding changes the features near the border, and with the toy
+        backbone's GroupNorm everywhere). ``data.sampler.size_grouped_batches`` orders a test set so that
+        images of one size come together.
 
         Args:
             imgs: a sequence (or an ``(N, 3, H, W)`` array/tensor) of images. With ``visualize=True``: raw
@@ -158,9 +171,10 @@ class FasterRCNN(nn.Module):
             visualize: see ``imgs``.
             score_thresh: keep detections whose class probability is above this, for this call only;
                 ``None``: the preset's (0.7 with ``visualize=True``, else the current one).
+            batch_size: the most images per forward pass.
 
         Returns:
-            ``(bboxes, labels, scores)``, lists with one entry per image:
+            ``(bboxes, labels, scores)``, lists with one entry per image, in the order of ``imgs``:
 
             * ``bboxes[i]``: ``(K, 4)`` float32, ``(y_min, x_min, y_max, x_max)`` in original-image pixels,
               clipped to ``[0, H] x [0, W]``.
@@ -169,6 +183,8 @@ class FasterRCNN(nn.Module):
 
             Detections come class by class (label ascending), best score first within a class.
         """
+        if batch_size < 1:
+            raise ValueError(f"predict: batch_size must be >= 1, got {batch_size}")
         was_training = self.training
         thresholds = (self.nms_thresh, self.score_thresh)
         self.eval()
@@ -183,30 +199,51 @@ class FasterRCNN(nn.Module):
                                  "original sizes: pass sizes=[(H, W), ...]")
             if score_thresh is not None:
                 self.score_thresh = float(score_thresh)
-            bboxes, labels, scores = [], [], []
-            for img, size in zip(imgs, sizes, strict=True):
-                bbox, label, score = self._predict_one(img, (int(size[0]), int(size[1])))
-                bboxes.append(bbox)
-                labels.append(label)
-                scores.append(score)
+            sizes = [(int(size[0]), int(size[1])) for size in sizes]
+            if len(sizes) != len(imgs):
+                raise ValueError(f"predict: {len(imgs)} images but {len(sizes)} sizes")
+            results = [None] * len(imgs)
+            for batch in size_batches([tuple(img.shape[-2:]) for img in imgs], batch_size):
+                x = torch.stack([torch.as_tensor(imgs[i], dtype=self._loc_mean.dtype) for i in batch])
+                detections = self._predict_batch(x.to(self._loc_mean.device), [sizes[i] for i in batch])
+                for i, detection in zip(batch, detections, strict=True):
+                    results[i] = detection
         finally:
             self.train(was_training)
             self.nms_thresh, self.score_thresh = thresholds
+        if not results:
+            return [], [], []
+        bboxes, labels, scores = (list(column) for column in zip(*results, strict=True))
         return bboxes, labels, scores
 
-    def _predict_one(self, img, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Detections of one preprocessed ``(3, H', W')`` image whose original size is ``size = (H, W)``."""
-        device = self._loc_mean.device  # the model's device and dtype
-        x = torch.as_tensor(img, dtype=self._loc_mean.dtype, device=device)[None]  # -> (1, 3, H', W')
-        height, width = size
-        scale_y, scale_x = x.shape[2] / height, x.shape[3] / width
+    def _predict_batch(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[tuple]:
+        """Detections of the ``(N, 3, H', W')`` preprocessed images ``x`` (one size) whose original sizes are
+        ``sizes``: one ``(bbox, label, score)`` numpy triple per image."""
         # the RPN's size filter takes the height ratio, as the training pipeline does (data/dataset.py)
-        roi_cls_loc, roi_score, rois, _ = self(x, scale=scale_y)
+        scales = [x.shape[2] / height for height, _ in sizes]
+        roi_cls_loc, roi_score, rois, roi_indices = self(x, scale=scales)
+        roi_cls_loc, roi_score = roi_cls_loc.float(), roi_score.float()  # decoding in float32 under autocast
+        rois = torch.as_tensor(rois, device=roi_cls_loc.device)  # (R, 4)
+        bounds = np.searchsorted(roi_indices, np.arange(len(sizes) + 1))  # image i: rows bounds[i:i + 2]
+        kept = [self._detect(roi_cls_loc[a:b], roi_score[a:b], rois[a:b], x.shape[2:], size)
+                for a, b, size in zip(bounds[:-1], bounds[1:], sizes, strict=True)]
+        # the one device -> host crossing of the batch: every image's (K_i, 6) detections, end to end
+        counts = [len(k) for k in kept]
+        host = torch.cat(kept).cpu().numpy() if kept else np.zeros((0, 6), np.float32)
+        detections = []
+        for part in np.split(host, np.cumsum(counts)[:-1]):
+            detections.append(
+                (np.ascontiguousarray(part[:, :4]), part[:, 4].astype(np.int32), part[:, 5].copy()))
+        return detections
 
+    def _detect(self, roi_cls_loc, roi_score, rois, input_size, size) -> torch.Tensor:
+        """One image's detections on the device: ``(K, 6)`` rows ``(y_min, x_min, y_max, x_max, label,
+        score)`` in original-image pixels, from its ``(R, L*4)`` offsets, ``(R, L)`` logits and ``(R, 4)``
+        RoIs in pixels of the ``input_size`` network input; ``size = (H, W)`` is the original size."""
+        height, width = size
+        scale_y, scale_x = input_size[0] / height, input_size[1] / width
         # back to original-image pixels, axis by axis (the exact inverse of the resize)
-        roi = torch.as_tensor(rois, device=device) / roi_cls_loc.new_tensor(
-            (scale_y, scale_x, scale_y, scale_x)
-        )  # (R, 4)
+        roi = rois / roi_cls_loc.new_tensor((scale_y, scale_x, scale_y, scale_x))  # (R, 4)
         roi_cls_loc = roi_cls_loc.view(-1, self.n_class, 4)  # (R, L*4) -> (R, L, 4)
         roi_cls_loc = roi_cls_loc * self._loc_std + self._loc_mean  # undo the target normalisation
         cls_bbox = _loc2bbox(roi[:, None, :], roi_cls_loc)  # (R, L, 4)
@@ -216,15 +253,11 @@ class FasterRCNN(nn.Module):
 
         # background (class 0) out; foreground label = head class - 1
         fg_bbox, fg_prob = cls_bbox[:, 1:, :], prob[:, 1:]  # (R, L-1, 4), (R, L-1)
-        fg_label = torch.arange(self.n_class - 1, device=device).expand_as(fg_prob)  # (R, L-1)
+        fg_label = torch.arange(self.n_class - 1, device=prob.device).expand_as(fg_prob)  # (R, L-1)
         mask = fg_prob > self.score_thresh
         bbox, score, label = fg_bbox[mask], fg_prob[mask], fg_label[mask]  # (K', 4), (K',), (K',)
         keep = _batched_nms(bbox, score, label, self.nms_thresh, max_coord=max(height, width))  # (K,)
-
-        # the one device -> host crossing of this image: boxes, labels and scores side by side
-        result = torch.cat((bbox[keep], label[keep, None].to(bbox.dtype), score[keep, None]), dim=1)  # (K, 6)
-        result = result.cpu().numpy()
-        return np.ascontiguousarray(result[:, :4]), result[:, 4].astype(np.int32), result[:, 5].copy()
+        return torch.cat((bbox[keep], label[keep, None].to(bbox.dtype), score[keep, None]), dim=1)  # (K, 6)
 
 
 def _loc2bbox(src_bbox: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:

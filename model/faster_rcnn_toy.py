@@ -21,7 +21,7 @@ from torch import nn
 
 from model.faster_rcnn import FasterRCNN
 from model.region_proposal_network import RegionProposalNetwork
-from model.roi_module import RoIPooling2D
+from model.roi_module import RoIPooling2D, roi_table
 
 __all__ = ["FasterRCNNToy", "ToyRoIHead", "make_toy_extractor"]
 
@@ -101,11 +101,8 @@ class ToyRoIHead(nn.Module):
         Returns:
             ``roi_cls_locs`` ``(R, L * 4)`` and ``roi_scores`` ``(R, L)`` float tensors.
         """
-        rois = torch.as_tensor(rois, dtype=x.dtype, device=x.device)
-        roi_indices = torch.as_tensor(roi_indices, device=x.device).to(x.dtype)
-        # (R, 1) + (R, 4) in (x_min, y_min, x_max, y_max) order -> (R, 5), RoIPooling2D's layout
-        indices_and_rois = torch.cat((roi_indices[:, None], rois[:, [1, 0, 3, 2]]), dim=1)
-        pool = self.roi(self.reduce(x), indices_and_rois)  # (N, C', hh, ww) -> (R, C', roi_size, roi_size)
+        thin = self.reduce(x)  # (N, C', hh, ww)
+        pool = self.roi(thin, roi_table(rois, roi_indices, thin))  # (R, C', roi_size, roi_size)
         fc = self.fc(pool.flatten(1))  # (R, C' * roi_size**2) -> (R, fc_channels)
         return self.cls_loc(fc), self.score(fc)
 

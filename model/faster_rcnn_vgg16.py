@@ -24,7 +24,7 @@ from torch import nn
 
 from model.faster_rcnn import FasterRCNN
 from model.region_proposal_network import RegionProposalNetwork
-from model.roi_module import RoIPooling2D
+from model.roi_module import RoIPooling2D, roi_table
 from model.utils.pretrained import PretrainedWeightsError, read_state_dict, torchvision_state_dict
 
 __all__ = ["FasterRCNNVGG16", "VGG16RoIHead", "decom_vgg16"]
@@ -153,11 +153,7 @@ class VGG16RoIHead(nn.Module):
             ``(roi_cls_locs, roi_scores)``: ``(R, L * 4)`` normalised offsets ``(t_y, t_x, t_h, t_w)`` per
             class, ``(R, L)`` class logits.
         """
-        rois = torch.as_tensor(rois, dtype=x.dtype, device=x.device)  # (R, 4)
-        roi_indices = torch.as_tensor(roi_indices, dtype=x.dtype, device=x.device)  # (R,)
-        # (y_min, x_min, y_max, x_max) -> (batch_index, x_min, y_min, x_max, y_max), RoIPooling2D's layout
-        indices_and_rois = torch.cat((roi_indices[:, None], rois[:, [1, 0, 3, 2]]), dim=1)  # (R, 5)
-        pool = self.roi(x, indices_and_rois)  # (R, 512, roi_size, roi_size)
+        pool = self.roi(x, roi_table(rois, roi_indices, x))  # (R, 512, roi_size, roi_size)
         pool = pool.flatten(1)  # -> (R, 512 * roi_size**2), fc6's (c, y, x) order
         fc7 = self.classifier(pool)  # (R, 4096)
         return self.cls_loc(fc7), self.score(fc7)

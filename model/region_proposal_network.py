@@ -25,8 +25,9 @@ from torch.nn import functional as F
 
 from model.utils.bbox_tools import generate_anchor_base
 from model.utils.creator_tool import ProposalCreator
+from utils.array_tool import tonumpy
 
-__all__ = ["RegionProposalNetwork", "full_proposal_params"]
+__all__ = ["RegionProposalNetwork", "full_proposal_params", "per_image"]
 
 
 class RegionProposalNetwork(nn.Module):
@@ -69,15 +70,16 @@ class RegionProposalNetwork(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(
-        self, x: torch.Tensor, img_size: tuple[int, int], scale: float = 1.0
+        self, x: torch.Tensor, img_size, scale=1.0
     ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
         """Predict anchor offsets and scores, and the proposals they give.
 
         Args:
-            x: ``(N, C, hh, ww)`` float feature map.
-            img_size: ``(H, W)`` of the input image the features were computed from.
-            scale: how much the input image was scaled from the original one; the proposal layer drops boxes
-                smaller than ``min_size * scale`` pixels.
+            x: ``(N, C, hh, ww)`` float feature map of a batch of (possibly padded) images.
+            img_size: ``(H, W)`` of every image, or one ``(H, W)`` per image: each image's own size inside
+                the padded batch (its proposals are clipped to it).
+            scale: how much the input images were scaled from the original ones (one float, or one per
+                image); the proposal layer drops boxes smaller than ``min_size * scale`` pixels.
 
         Returns:
             ``(rpn_locs, rpn_scores, rois, roi_indices, anchor)``:
@@ -87,10 +89,12 @@ class RegionProposalNetwork(nn.Module):
               (the loss takes logits; proposals are ranked by the softmax foreground probability).
             * ``rois``: ``(R', 4)`` float32 numpy array of the proposals of all images, input-image pixels,
               ``(y_min, x_min, y_max, x_max)``; constants (no gradient flows through them).
-            * ``roi_indices``: ``(R',)`` int32 numpy array, the image of each proposal.
-            * ``anchor``: ``(S, 4)`` float32 numpy array of the anchors, input-image pixels.
+            * ``roi_indices``: ``(R',)`` int32 numpy array, the image of each proposal (ascending).
+            * ``anchor``: ``(S, 4)`` float32 numpy array of the anchors, input-image pixels (the same for
+              every image of the batch).
         """
         n, _, hh, ww = x.shape
+        img_sizes, scales = per_image(img_size, scale, n)
         anchor = _enumerate_shifted_anchor(self.anchor_base, self.feat_stride, hh, ww)  # (S, 4)
         n_anchor = self.anchor_base.shape[0]
         h = F.relu(self.conv1(x))
@@ -104,17 +108,39 @@ class RegionProposalNetwork(nn.Module):
         rpn_fg_scores = rpn_softmax_scores[..., 1].reshape(n, -1)  # (N, hh, ww, A) -> (N, S)
         rpn_scores = rpn_scores.reshape(n, -1, 2)  # (N, hh, ww, A*2) -> (N, S, 2)
 
+        # The CPU island: the offsets and scores of the whole batch cross once, as float32 numpy.
+        # (N, S, 4) + (N, S, 1) -> (N, S, 5)
+        host = tonumpy(torch.cat((rpn_locs.detach(), rpn_fg_scores.detach()[..., None]), dim=2), np.float32)
         rois, roi_indices = [], []
         for i in range(n):
-            roi = self.proposal_layer(
-                rpn_locs[i].detach(), rpn_fg_scores[i].detach(), anchor, img_size, scale=scale,
-                training=self.training,
-            )
+            roi = self.proposal_layer(host[i, :, :4], host[i, :, 4], anchor, img_sizes[i], scale=scales[i],
+                                      training=self.training)
             rois.append(roi)
             roi_indices.append(np.full(len(roi), i, dtype=np.int32))
         rois = np.concatenate(rois, axis=0).astype(np.float32, copy=False)  # (R', 4)
         roi_indices = np.concatenate(roi_indices, axis=0)  # (R',)
         return rpn_locs, rpn_scores, rois, roi_indices, anchor
+
+
+def per_image(img_size, scale, n: int) -> tuple[list[tuple[int, int]], list[float]]:
+    """``img_size`` and ``scale`` as one ``(H, W)`` and one float per image of a batch of ``n``.
+
+    Args:
+        img_size: one ``(H, W)`` for every image, or a sequence of ``n`` of them.
+        scale: one number (or one-element tensor) for every image, or a sequence of ``n``.
+
+    Raises:
+        ValueError: a sequence of another length than ``n``.
+    """
+    if len(img_size) == 2 and all(np.ndim(v) == 0 for v in img_size):
+        sizes = [(int(img_size[0]), int(img_size[1]))] * n
+    else:
+        sizes = [(int(h), int(w)) for h, w in img_size]
+    values = np.asarray(scale.tolist() if torch.is_tensor(scale) else scale, dtype=np.float64).reshape(-1)
+    scales = values.tolist() * n if values.size == 1 else values.tolist()
+    if len(sizes) != n or len(scales) != n:
+        raise ValueError(f"{n} images but {len(sizes)} sizes and {len(scales)} scales")
+    return sizes, scales
 
 
 def full_proposal_params(params: dict | None = None) -> dict:

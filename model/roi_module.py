@@ -50,6 +50,7 @@ except ImportError:
 __all__ = [
     "RoI",
     "RoIPooling2D",
+    "roi_table",
     "roi_pooling_2d",
     "roi_pool_forward",
     "roi_pool_backward",
@@ -107,6 +108,25 @@ def roi_pooling_2d(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: int,
     """
     rois = _check_inputs(x, rois, outh, outw, spatial_scale)
     return RoI.apply(x, rois, int(outh), int(outw), float(spatial_scale))
+
+
+def roi_table(rois, roi_indices, x: torch.Tensor) -> torch.Tensor:
+    """The ``(R, 5)`` input of :func:`roi_pooling_2d` from the project's box order.
+
+    Args:
+        rois: ``(R, 4)`` numpy array or tensor, ``(y_min, x_min, y_max, x_max)`` in input-image pixels.
+        roi_indices: ``(R,)`` numpy array or tensor, the image of each RoI in ``x``.
+        x: the ``(N, C, H, W)`` feature map the RoIs will be pooled from (its device, and its dtype when
+            float64; coordinates stay float32 for float32 and half-precision maps).
+
+    Returns:
+        ``(R, 5)`` tensor ``(batch_index, x_min, y_min, x_max, y_max)`` on ``x``'s device.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    rois = torch.as_tensor(rois, device=x.device).to(dtype)  # (R, 4)
+    roi_indices = torch.as_tensor(roi_indices, device=x.device).to(dtype)  # (R,)
+    # (y_min, x_min, y_max, x_max) -> (batch_index, x_min, y_min, x_max, y_max)
+    return torch.cat((roi_indices[:, None], rois[:, [1, 0, 3, 2]]), dim=1)
 
 
 class RoIPooling2D(nn.Module):

@@ -100,7 +100,7 @@ def test_values_are_converted_to_the_option_type(key, value, name, expected):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"data": "coco"}, r"--data must be one of \['voc', 'toy'\], got 'coco'"),
+    ({"data": "cocoa"}, r"--data must be one of \['voc', 'coco', 'toy', 'toy-coco'\], got 'cocoa'"),
     ({"backbone": "resnet"}, "--backbone must be one of"),
     ({"min_size": 2000}, r"--min-size \(2000\) must not exceed --max-size \(1000\)"),
     ({"port": 0}, "--port"),

@@ -437,6 +437,6 @@ def test_test_dataset_item_contract(voc_root):
 
 def test_dataset_bad_options(voc_root, tmp_path):
     with pytest.raises(ValueError, match="opt.data"):
-        Dataset(make_opt(voc_root, data="coco"))
+        Dataset(make_opt(voc_root, data="pascal"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         TestDataset(make_opt(tmp_path / "nowhere"))

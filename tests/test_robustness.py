@@ -326,39 +326,54 @@ class SignalAtStep:
 
 
 # --- 2. training faults -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("lr_decay_epoch", "position"), [
-    (0, 2),  # stopped in epoch 1 after the lr decay of epoch 0
-    (1, 2),  # stopped in epoch 1, whose end decays the lr (after the resume)
-    (1, N_TRAIN),  # stopped after the last step of epoch 1: the resumed run starts with its evaluation
+@pytest.mark.parametrize(("lr_decay_epoch", "position", "batch_size"), [
+    (0, 2, 1),  # stopped in epoch 1 after the lr decay of epoch 0
+    (1, 2, 1),  # stopped in epoch 1, whose end decays the lr (after the resume)
+    (1, N_TRAIN, 1),  # stopped after the last step of epoch 1: the resumed run starts with its evaluation
+    (1, 1, 2),  # batches of two: stopped after the first step of epoch 1
 ])
 def test_sigint_mid_epoch_saves_and_the_resumed_run_equals_an_uninterrupted_one(
-        tiny_voc, tmp_path, monkeypatch, one_thread, lr_decay_epoch, position):
+        tiny_voc, tmp_path, monkeypatch, one_thread, lr_decay_epoch, position, batch_size):
     epochs = 3
-    reference = tiny_options(tiny_voc, tmp_path, epochs, run_name="reference", lr_decay_epoch=lr_decay_epoch)
+    steps = -(-N_TRAIN // batch_size)  # per epoch
+    reference = tiny_options(tiny_voc, tmp_path, epochs, run_name="reference", lr_decay_epoch=lr_decay_epoch,
+                             batch_size=batch_size)
     train_module.train(**reference)
 
-    stop_at = N_TRAIN + position
-    SignalAtStep(monkeypatch, stop_at, signal.SIGTERM if position == N_TRAIN else signal.SIGINT)
-    options = tiny_options(tiny_voc, tmp_path, epochs, lr_decay_epoch=lr_decay_epoch)
+    stop_at = steps + position
+    SignalAtStep(monkeypatch, stop_at, signal.SIGTERM if position == steps else signal.SIGINT)
+    options = tiny_options(tiny_voc, tmp_path, epochs, lr_decay_epoch=lr_decay_epoch, batch_size=batch_size)
     with pytest.raises(StopRequested) as info:
         train_module.train(**options)
-    assert info.value.exit_code == (143 if position == N_TRAIN else 130)
+    assert info.value.exit_code == (143 if position == steps else 130)
     last = tmp_path / "run" / "last.pth"
     info = load_checkpoint(last)["other_info"]
     assert info["epoch"] == 1 and info["iteration"] == stop_at and info["epoch_position"] == position
-    assert sorted(info["epoch_order"]) == list(range(N_TRAIN))
-    assert info["lr"] == pytest.approx(TOY_PRESET["lr"] * (0.1 if lr_decay_epoch == 0 else 1))
+    assert sorted(i for batch in info["epoch_batches"] for i in batch) == list(range(N_TRAIN))
+    assert {len(batch) for batch in info["epoch_batches"]} == {batch_size}
+    lr = TOY_PRESET["lr"] * batch_size  # the toy preset scales the lr with the images per step
+    assert info["lr"] == pytest.approx(lr * (0.1 if lr_decay_epoch == 0 else 1))
     monkeypatch.undo()
 
     train_module.train(**options, load_path=str(last))
     info = load_checkpoint(last)["other_info"]
-    assert info["epoch"] == epochs and info["iteration"] == epochs * N_TRAIN and "epoch_order" not in info
+    assert info["epoch"] == epochs and info["iteration"] == epochs * steps and "epoch_batches" not in info
     reference_info = load_checkpoint(tmp_path / "reference" / "last.pth")["other_info"]
     assert info["best_map"] == reference_info["best_map"] and info["lr"] == reference_info["lr"]
     # same weights, momentum, random draws (creators, flips, shuffles): bit-identical to the uninterrupted run
     assert_same_weights(model_state(last), model_state(tmp_path / "reference" / "last.pth"))
     assert_same_weights(model_state(tmp_path / "run" / "best.pth"),
                         model_state(tmp_path / "reference" / "best.pth"))
+
+
+def test_an_older_checkpoint_s_epoch_order_resumes_as_batches_of_one():
+    from utils.run_state import RunState
+
+    state = RunState.from_other_info({"epoch": 2, "epoch_order": [2, 0, 1], "epoch_position": 1}, 3, 9)
+    assert state.batches == [[2], [0], [1]] and state.position == 1 and state.epoch == 2
+    with pytest.warns(UserWarning, match="restarts from its beginning"):
+        state = RunState.from_other_info({"epoch": 2, "epoch_batches": [[0, 1]], "epoch_position": 1}, 3, 9)
+    assert state.batches is None and state.position == 0
 
 
 def test_resuming_from_the_best_checkpoint_written_before_the_lr_decay(tiny_voc, tmp_path, one_thread):
@@ -666,7 +681,7 @@ def test_cli_errors_are_short_and_help_lists_the_options(tmp_path):
     (["eval", "--load-path=/nowhere/missing.pth"], "checkpoint '/nowhere/missing.pth' does not exist"),
     (["fit"], "unknown command 'fit' (commands: train, eval"),
     (["train", "--lr=-1"], "option --lr must be > 0"),
-    (["train", "--data=coco"], "option --data must be one of ['voc', 'toy']"),
+    (["train", "--data=cocoa"], "option --data must be one of ['voc', 'coco', 'toy', 'toy-coco']"),
 ])
 def test_cli_usage_errors(capsys, argv, text):
     returncode = train_module.main(argv)

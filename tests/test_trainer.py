@@ -237,11 +237,108 @@ def test_background_only_image_trains_as_all_negative():
     assert math.isfinite(losses.total_loss.item())
 
 
-def test_only_batch_size_one():
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_a_batch_of_two_gives_the_mean_losses_and_gradients_of_its_images(one_thread):
+    """The same sampled targets (each image's creators drawing from its own generator), the same weights:
+    a batch's losses and gradients are the mean of each image's alone."""
+    scenes = [scene(n_box=2, seed=1), scene(n_box=1, seed=2)]
     trainer = make_trainer()
+    alone_losses, alone_grads = [], []
+    for k, (img, bbox, label, scale) in enumerate(scenes):
+        trainer.faster_rcnn.zero_grad()
+        losses = trainer.forward(img, bbox, label, scale, rngs=[np.random.default_rng(10 + k)])
+        losses.total_loss.backward()
+        alone_losses.append(torch.stack(list(losses)).detach())
+        alone_grads.append(_grads(trainer.faster_rcnn))
+    trainer.faster_rcnn.zero_grad()
+    imgs = torch.cat([img for img, *_ in scenes])
+    bboxes, labels = [bbox[0] for _, bbox, _, _ in scenes], [label[0] for _, _, label, _ in scenes]
+    losses = trainer.forward(imgs, bboxes, labels, [1.0, 1.0],
+                             rngs=[np.random.default_rng(10), np.random.default_rng(11)])
+    losses.total_loss.backward()
+    torch.testing.assert_close(torch.stack(list(losses)).detach(), (alone_losses[0] + alone_losses[1]) / 2,
+                               rtol=1e-5, atol=1e-6)
+    for got, a, b in zip(_grads(trainer.faster_rcnn), *alone_grads, strict=True):
+        torch.testing.assert_close(got, (a + b) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_one_image_in_a_list_is_the_batch_of_one():
     img, bbox, label, scale = scene()
-    with pytest.raises(ValueError, match="batch size 1"):
-        trainer.forward(img.repeat(2, 1, 1, 1), bbox.repeat(2, 1, 1), label.repeat(2, 1), scale)
+    a, b = make_trainer(seed=5), make_trainer(seed=5)
+    la = torch.stack(list(a.forward(img, bbox, label, scale)))
+    lb = torch.stack(list(b.forward(img, [bbox[0].numpy()], [label[0].numpy()], [scale], sizes=[(64, 80)])))
+    assert torch.equal(la, lb)
+
+
+def test_padding_never_makes_anchors_proposals_or_targets_outside_an_image():
+    """Two images of different sizes, padded to one: each image's proposals, positive and negative anchors
+    and sampled RoIs lie inside its own size; the padding is zeros at the bottom and right."""
+    from data.dataset import collate_train, pad_images
+
+    small, big = scene(seed=1, height=48, width=56), scene(seed=2, height=64, width=80)
+    items = [(img[0].numpy(), bbox[0].numpy().clip(0, [h, w, h, w]), label[0].numpy(), 1.0)
+             for (img, bbox, label, _), (h, w) in ((small, (48, 56)), (big, (64, 80)))]
+    imgs, bboxes, labels, scales, sizes = collate_train(items, multiple=4)
+    assert imgs.shape == (2, 3, 64, 80) and sizes == [(48, 56), (64, 80)]
+    assert torch.equal(imgs[0, :, :48, :56], torch.from_numpy(items[0][0]))
+    assert not imgs[0, :, 48:].any() and not imgs[0, :, :, 56:].any()
+    assert pad_images([items[0][0]] * 2, multiple=16).shape == (2, 3, 48, 56)  # one size: no padding
+    assert pad_images([items[0][0], items[1][0][:, :50, :70]], multiple=16).shape == (2, 3, 64, 80)
+
+    trainer = make_trainer()
+    loss = trainer.loss
+    model = trainer.faster_rcnn
+    features = model.extractor(imgs)
+    _, _, rois, roi_indices, anchor = model.rpn(features, sizes, scales)
+    rngs = [np.random.default_rng(0)] * 2
+    gt_rpn_loc, gt_rpn_label, sample_roi, sample_index, _, _ = loss._targets(
+        rois, roi_indices, anchor, bboxes, labels, sizes, rngs)
+    assert set(roi_indices.tolist()) == {0, 1} and set(sample_index.tolist()) == {0, 1}
+    for i, (height, width) in enumerate(sizes):
+        for boxes in (rois[roi_indices == i], sample_roi[sample_index == i]):
+            assert (boxes >= 0).all()
+            assert (boxes[:, [0, 2]] <= height).all() and (boxes[:, [1, 3]] <= width).all()
+        inside = ((anchor[:, :2] >= 0).all(1) & (anchor[:, 2] <= height) & (anchor[:, 3] <= width))
+        assert (gt_rpn_label[i][~inside] == -1).all() and (gt_rpn_label[i][inside] >= 0).any()
+        assert not gt_rpn_loc[i][~inside].any()
+    # the small image has anchors inside the big one that are outside itself: ignored for it alone
+    inside_big = (anchor[:, 2] <= 64) & (anchor[:, 3] <= 80) & (anchor[:, :2] >= 0).all(1)
+    inside_small = (anchor[:, 2] <= 48) & (anchor[:, 3] <= 56) & (anchor[:, :2] >= 0).all(1)
+    assert (inside_big & ~inside_small).any()
+    losses = trainer.train_step(imgs, bboxes, labels, scales, sizes)
+    assert all(math.isfinite(v.item()) for v in losses)
+
+
+def test_a_train_step_crosses_between_host_and_device_a_fixed_few_times(monkeypatch):
+    """On a GPU, what leaves the device goes through ``.cpu()``, ``.tolist()`` or ``.item()``, and what
+    enters it from numpy through ``torch.from_numpy``/``as_tensor``/``tensor``. Counted on the CPU: the RPN's
+    outputs go to the host once, the targets come back once, the loss values once, whatever the number of
+    images (the CPU-only RoI pooling's numpy views are not crossings and are not counted)."""
+    counts = {}
+
+    def counting(name, original, numpy_only=False):
+        def wrapped(*args, **kwargs):
+            if not numpy_only or isinstance(args[0], np.ndarray):
+                counts[name] = counts.get(name, 0) + 1
+            return original(*args, **kwargs)
+        return wrapped
+
+    for name in ("cpu", "tolist", "item"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    monkeypatch.setattr(torch, "from_numpy", counting("from_numpy", torch.from_numpy))
+    for name in ("as_tensor", "tensor"):
+        monkeypatch.setattr(torch, name, counting(name, getattr(torch, name), numpy_only=True))
+    trainer = make_trainer()
+    for n in (1, 2):
+        img, bbox, label, scale = scene()
+        bboxes, labels = [bbox[0].numpy()] * n, [label[0].numpy()] * n  # as a DataLoader gives them
+        counts.clear()
+        trainer.train_step(img.repeat(n, 1, 1, 1), bboxes, labels, [scale] * n)
+        assert counts.get("cpu", 0) + counts.get("tolist", 0) + counts.get("item", 0) == 2, counts
+        assert counts.get("from_numpy", 0) + counts.get("as_tensor", 0) + counts.get("tensor", 0) == 1, counts
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step():

@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 import torch
 
-__all__ = ["scalar", "tonumpy", "totensor"]
+__all__ = ["scalar", "to_device", "tonumpy", "totensor"]
 
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
                  np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(bool): torch.bool}
@@ -78,3 +78,24 @@ def scalar(data: np.ndarray | np.generic | torch.Tensor | numbers.Number) -> int
     if isinstance(data, numbers.Number):
         return data
     raise TypeError(f"scalar expects an array, a tensor or a number, got {type(data).__name__}")
+
+
+def to_device(arrays: list[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
+    """Numpy arrays as float32 tensors on ``device``, in one host-to-device copy.
+
+    The arrays are flattened end to end into one float32 buffer, copied once, and split back into their
+    shapes on the device (a single crossing, where one ``.to(device)`` per array would be several). Integer
+    arrays come back as float32 tensors holding the same values (exact below ``2**24``): cast them on the
+    device (``.long()``).
+
+    Args:
+        arrays: numpy arrays of any shapes and numeric dtypes.
+        device: where the tensors go.
+
+    Returns:
+        One float32 tensor per array, of its shape, on ``device``.
+    """
+    flat = [np.asarray(a, dtype=np.float32).ravel() for a in arrays]
+    buffer = torch.from_numpy(np.concatenate(flat) if flat else np.zeros(0, np.float32)).to(device)
+    parts = torch.split(buffer, [int(np.size(a)) for a in arrays])
+    return [part.view(np.shape(a)) for part, a in zip(parts, arrays, strict=True)]

@@ -14,8 +14,8 @@ From the command line (fire turns ``--plot-every=100`` into ``plot_every=100``):
 An unknown option or a value of the wrong type raises :class:`ConfigError` (a ``ValueError``) whose message
 names the option, the expected type and the value, and suggests the closest valid option.
 
-``--data=toy`` applies :data:`TOY_PRESET` to every option the user did not set explicitly, so that the
-embedded synthetic data set trains quickly on a CPU.
+``--data=toy`` (and ``--data=toy-coco``) applies :data:`TOY_PRESET` to every option the user did not set
+explicitly, so that the embedded synthetic data set trains quickly on a CPU.
 
 Changes from the original's options: ``use_chainer``, ``pretrained_model`` and ``debug_file`` (unused, or an
 ``ipdb`` hook) are gone; ``port`` and ``data`` now take effect; the lr-decay epoch, the device, the seed, the
@@ -43,14 +43,14 @@ class ConfigError(ValueError):
     """An unknown option or a value that does not fit its option."""
 
 
-def _default_toy_data_dir() -> str:
-    """The toy data set's cache folder: ``$XDG_CACHE_HOME/simple-faster-rcnn/toy_voc`` (``~/.cache`` default).
+def _default_toy_data_dir(name: str = "toy_voc") -> str:
+    """The toy data set's cache folder: ``$XDG_CACHE_HOME/simple-faster-rcnn/<name>`` (``~/.cache`` default).
 
     A per-user cache rather than ``./.cache``: the set is generated once and found again whatever folder
     ``train.py``, ``demo.py`` or the notebook is started from, and it stays out of the source tree.
     """
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "simple-faster-rcnn", "toy_voc")
+    return os.path.join(cache, "simple-faster-rcnn", name)
 
 
 def option(default: Any = dataclasses.MISSING, doc: str = "", *, choices: tuple = (), path: bool = False,
@@ -73,12 +73,21 @@ class Config:
     """
 
     # --- data -------------------------------------------------------------------------------------------
-    data: str = option("voc", "data set: 'voc' (Pascal VOC 2007 at voc_data_dir) or 'toy' (generated)",
-                       choices=("voc", "toy"))
+    data: str = option("voc", "data set: 'voc' (Pascal VOC 2007 at voc_data_dir), 'coco' (COCO's layout at "
+                              "coco_dir), 'toy' or 'toy-coco' (generated, as VOC or as COCO)",
+                       choices=("voc", "coco", "toy", "toy-coco"))
     voc_data_dir: str = option("data/VOCdevkit/VOC2007",
                                "VOC2007 folder holding ImageSets/Main, Annotations and JPEGImages", path=True)
     toy_data_dir: str = option(doc="cache folder of the generated toy data set (made on first use)",
                                path=True, factory=_default_toy_data_dir)
+    coco_dir: str = option("data/coco", "COCO folder: annotations/instances_<split>.json and <split>/ images",
+                           path=True)
+    coco_train: str = option("train2017", "COCO split to train on")
+    coco_val: str = option("val2017", "COCO split to evaluate on")
+    coco_skip_empty: bool = option(False, "leave COCO training images without (non-crowd) objects out, as "
+                                          "torchvision and detectron2 do")
+    toy_coco_dir: str = option(doc="cache folder of the toy data set in COCO's layout (made on first use)",
+                               path=True, factory=functools.partial(_default_toy_data_dir, "toy_coco"))
     label_names: tuple[str, ...] = option((), "class names in label order; empty: the data set's own names")
     min_size: int = option(600, "images are resized so that their shorter side is min_size...")
     max_size: int = option(1000, "...and their longer side at most max_size (pixels)")
@@ -109,7 +118,15 @@ class Config:
 
     # --- training ---------------------------------------------------------------------------------------
     epoch: int = option(14, "number of training epochs")
-    lr: float = option(1e-3, "learning rate (biases get twice this)")
+    batch_size: int = option(1, "images per training step (per process with torchrun); images of similar "
+                                "aspect ratio are grouped, padded to one size")
+    test_batch_size: int = option(1, "images per forward pass in evaluation (only images of one size go "
+                                     "together: the detections do not depend on it)")
+    lr: float = option(1e-3, "learning rate (biases get twice this); see scale_lr")
+    scale_lr: bool = option(False, "multiply lr by the images per step (batch_size x processes), the linear "
+                                   "scaling rule, so that lr stays the rate of one image")
+    amp: bool = option(False, "mixed precision: float16 autocast and a gradient scaler on CUDA, bfloat16 "
+                              "autocast on the CPU (fast only with AVX512_BF16/AMX)")
     lr_decay: float = option(0.1, "factor applied once to the learning rate after epoch lr_decay_epoch")
     lr_decay_epoch: int = option(9, "after this epoch (0-based) the best checkpoint is reloaded and the lr "
                                     "decays")
@@ -128,6 +145,8 @@ class Config:
                                "else <backbone>_<data>_<date-time>")
     load_path: str | None = option(None, "checkpoint to start from (resumes its epoch, lr and optimizer)",
                                    path=True)
+    results: str | None = option(None, "eval: also write the detections to this json in COCO's results "
+                                       "format (image_id, category_id, bbox [x, y, w, h], score)", path=True)
 
     # --- visualisation ----------------------------------------------------------------------------------
     use_visdom: bool = option(True, "send curves and pictures to a visdom server (a warning if none answers)")
@@ -163,7 +182,7 @@ class Config:
         defaults = dataclasses.asdict(cls())
         values = dataclasses.asdict(base) if base is not None else dict(defaults)
         values.update({key: _convert(key, value) for key, value in given.items()})
-        if values["data"] == "toy":
+        if values["data"] in TOY_DATA:
             values.update({key: value for key, value in TOY_PRESET.items()
                            if key not in given and values[key] == defaults[key]})
         return cls(**values)
@@ -195,7 +214,7 @@ class Config:
         if unknown:
             warnings.warn(f"config: ignoring unknown options {unknown} (from another version?)", stacklevel=2)
         values = dataclasses.asdict(cls())
-        if d.get("data", values["data"]) == "toy":
+        if d.get("data", values["data"]) in TOY_DATA:
             values.update(TOY_PRESET)
         for key in names & set(d):
             try:
@@ -254,6 +273,7 @@ class Config:
     def _check(self) -> None:
         """Range checks that a type alone cannot express (choices are checked by ``_convert``)."""
         positive = ("min_size", "max_size", "lr", "lr_decay", "test_num", "eval_every", "plot_every",
+                    "batch_size", "test_batch_size",
                     "rpn_sigma", "roi_sigma", "n_train_pre_nms", "n_train_post_nms", "n_test_pre_nms",
                     "n_test_post_nms")
         for name in positive:
@@ -288,6 +308,7 @@ class Config:
 # backbone's stride-8 map; anchors of 28, 56 and 112 px (scales x 16 px) cover the shapes' 14-137 px at that
 # size; fewer proposals than VGG16's for small images; a light weight decay since the small model underfits
 # rather than overfits.
+TOY_DATA = ("toy", "toy-coco")  # the data sets TOY_PRESET applies to
 TOY_PRESET: dict[str, Any] = {
     "backbone": "toy",
     "min_size": 224,
@@ -300,6 +321,7 @@ TOY_PRESET: dict[str, Any] = {
     "proposal_min_size": 4.0,
     "epoch": 14,
     "lr": 1.5e-2,
+    "scale_lr": True,
     "lr_decay_epoch": 10,
     "weight_decay": 1e-4,
     "num_workers": 0,

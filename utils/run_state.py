@@ -19,9 +19,10 @@ import warnings
 import torch
 from torch.utils.data import RandomSampler
 
+from data.sampler import group_batches, pad_batches
 from utils.files import remove_stale_temp_files
 
-__all__ = ["RunState", "TrainingRun", "epoch_order", "rng_state", "run_dir", "set_rng_state"]
+__all__ = ["RunState", "TrainingRun", "epoch_batches", "epoch_order", "rng_state", "run_dir", "set_rng_state"]
 
 
 @dataclasses.dataclass
@@ -33,8 +34,9 @@ class RunState:
         iteration: training steps taken since the start of the run.
         best_map: best test mAP so far (``None`` before the first evaluation).
         lr_decayed: whether the lr decay of ``lr_decay_epoch`` was applied.
-        order: the current epoch's sample order (indices into the training set); ``None`` between epochs.
-        position: how many samples of ``order`` were trained (``len(order)``: training done, evaluation
+        batches: the current epoch's batches (lists of indices into the training set: the global batches of
+            all processes under torchrun, ``data/sampler.py``); ``None`` between epochs.
+        position: how many of ``batches`` were trained (``len(batches)``: training done, evaluation
             pending).
     """
 
@@ -42,41 +44,46 @@ class RunState:
     iteration: int = 0
     best_map: float | None = None
     lr_decayed: bool = False
-    order: list[int] | None = None
+    batches: list[list[int]] | None = None
     position: int = 0
 
     def other_info(self) -> dict:
-        """The plain values to save; ``epoch_order``/``epoch_position`` only inside an epoch."""
+        """The plain values to save; ``epoch_batches``/``epoch_position`` only inside an epoch."""
         info = {"epoch": self.epoch, "iteration": self.iteration, "best_map": self.best_map,
                 "lr_decayed": self.lr_decayed}
-        if self.order is not None:
-            info.update(epoch_order=list(self.order), epoch_position=self.position)
+        if self.batches is not None:
+            info.update(epoch_batches=[list(b) for b in self.batches], epoch_position=self.position)
         return info
 
     @classmethod
     def from_other_info(cls, info: dict, n_samples: int, lr_decay_epoch: int) -> RunState:
         """The state saved by :meth:`other_info` (or by an older version of this code, or the original).
 
-        A saved epoch order that does not fit a training set of ``n_samples`` (the data set changed) is
-        dropped with a warning: that epoch restarts from its beginning.
+        An older checkpoint's ``epoch_order`` (one image per step) continues as batches of one. Saved
+        batches that do not fit a training set of ``n_samples`` (the data set changed) are dropped with a
+        warning: that epoch restarts from its beginning.
         """
         epoch = int(info.get("epoch", 0))
         state = cls(epoch=epoch, iteration=int(info.get("iteration", 0)), best_map=info.get("best_map"),
                     lr_decayed=bool(info.get("lr_decayed", epoch > lr_decay_epoch)))
-        order = info.get("epoch_order")
-        if order is not None:
-            if sorted(order) == list(range(n_samples)):
-                state.order, state.position = [int(i) for i in order], int(info.get("epoch_position", 0))
+        batches = info.get("epoch_batches")
+        if batches is None and info.get("epoch_order") is not None:
+            batches = [[i] for i in info["epoch_order"]]
+        if batches is not None:
+            indices = {int(i) for batch in batches for i in batch}
+            if indices == set(range(n_samples)):
+                state.batches = [[int(i) for i in batch] for batch in batches]
+                state.position = int(info.get("epoch_position", 0))
             else:
-                warnings.warn(f"the training set has {n_samples} samples, the checkpoint's epoch order "
-                              f"{len(order)}: epoch {epoch} restarts from its beginning", stacklevel=2)
+                warnings.warn(f"the training set has {n_samples} samples, the checkpoint's epoch "
+                              f"{len(indices)}: epoch {epoch} restarts from its beginning", stacklevel=2)
         return state
 
     def where(self) -> str:
-        """``'epoch E, sample P of N'`` inside an epoch, ``'the start of epoch E'`` between epochs."""
-        if self.order is None:
+        """``'epoch E, step P of N'`` inside an epoch, ``'the start of epoch E'`` between epochs."""
+        if self.batches is None:
             return f"the start of epoch {self.epoch}"
-        return f"epoch {self.epoch}, sample {self.position} of {len(self.order)}"
+        return f"epoch {self.epoch}, step {self.position} of {len(self.batches)}"
 
 
 def run_dir(save_dir: str, run_name: str, load_path: str | None, backbone: str, data: str) -> str:
@@ -93,10 +100,19 @@ def run_dir(save_dir: str, run_name: str, load_path: str | None, backbone: str, 
 
 def epoch_order(n_samples: int, seed: int | None, epoch: int) -> list[int]:
     """The sample order of an epoch: the one ``DataLoader(shuffle=True)`` would draw. Seeded runs draw it
-    from ``seed + epoch``, so it does not depend on where the run was resumed; unseeded runs from torch's
-    global generator."""
+    from ``seed + epoch``, so it does not depend on where the run was resumed (nor on the process under
+    torchrun: every process draws the same order); unseeded runs from torch's global generator."""
     generator = None if seed is None else torch.Generator().manual_seed(seed + epoch)
     return list(RandomSampler(range(n_samples), generator=generator))
+
+
+def epoch_batches(order: list[int], groups, batch_size: int, world_size: int = 1) -> list[list[int]]:
+    """The global batches of an epoch: ``order`` cut into batches of ``batch_size x world_size`` images of
+    similar aspect ratio (``groups``: ``data.sampler.aspect_ratio_groups``); under torchrun the incomplete
+    batches are filled up so that every process gets ``batch_size`` images (``data.sampler.pad_batches``).
+    One process, one image per step: ``[[i] for i in order]``."""
+    batches = group_batches(order, groups, batch_size * world_size)
+    return pad_batches(batches, batch_size * world_size, order) if world_size > 1 else batches
 
 
 def rng_state(trainer, dataset) -> dict:
@@ -163,7 +179,7 @@ class TrainingRun:
         """
         state, vis = self.state, self.vis
         epoch = state.epoch
-        state.epoch, state.order, state.position = epoch + 1, None, 0
+        state.epoch, state.batches, state.position = epoch + 1, None, 0
         if eval_map is not None and (state.best_map is None or eval_map > state.best_map):
             state.best_map = eval_map
             self.save("best")
