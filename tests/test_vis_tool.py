@@ -2,6 +2,8 @@
 server, with none, and with one that dies mid-run; its history files in every case."""
 
 import http.server
+import importlib.util
+import io
 import json
 import os
 import socket
@@ -21,6 +23,7 @@ from matplotlib.figure import Figure
 from utils.vis_tool import VisdomUnavailableWarning, Visualizer, fig4vis, vis_bbox, vis_image, visdom_bbox
 
 GRAY = 200
+EVENT_FILE_PREFIX = "events.out.tfevents."
 
 
 def gray_image(h=100, w=200):
@@ -209,7 +212,9 @@ def test_no_server_one_warning_then_quiet_no_ops_and_files_written(tmp_path):
     assert all(abs(r["time"] - time.time()) < 60 for r in records)
     assert png_size(tmp_path / "curves.png") == (2 * 4 * 80, 3 * 80)  # two panels side by side
     assert "lr: 0.001" in vis.log_text
-    assert sorted(os.listdir(tmp_path)) == ["curves.png", "history.jsonl"]  # no temp files left
+    # no temp files left (event files are TensorBoard's, on by default when it is installed)
+    assert sorted(f for f in os.listdir(tmp_path) if not f.startswith(EVENT_FILE_PREFIX)) == [
+        "curves.png", "history.jsonl"]
 
 
 def test_use_visdom_false_is_silent_and_no_log_dir_writes_nothing(tmp_path, monkeypatch):
@@ -431,3 +436,354 @@ def test_scalar_gives_python_numbers():
     with pytest.raises(TypeError):
         scalar("1")
 
+
+
+# --- TensorBoard --------------------------------------------------------------------------------------------
+requires_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
+                                          reason="the tensorboard package is not installed")
+TOTAL_LOSSES = ("rpn_loc_loss", "rpn_cls_loss", "roi_loc_loss", "roi_cls_loss", "total_loss")
+
+
+def _event_accumulator(folder):
+    """TensorBoard's own Python loader over every event file of ``folder``, everything kept (no sampling),
+    purge markers applied (``tensorboard --logdir`` with ``--load_fast=false`` reads them the same way)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(os.fspath(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _decode_png(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+
+
+def read_tensorboard(folder):
+    """What TensorBoard shows of the run folder ``folder`` (all its event files).
+
+    Returns:
+        ``(scalars, images)``: ``scalars[name]`` is the list of ``(step, value)`` in the order written
+        (values are float32, as event files store them); ``images[name]`` the list of ``(step, (H, W))`` with
+        the size of the decoded PNG. Names whose points were all purged are left out.
+    """
+    accumulator = _event_accumulator(folder)
+    tags = accumulator.Tags()
+    scalars = {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in tags["scalars"]}
+    images = {tag: [(e.step, _decode_png(e.encoded_image_string).shape[:2]) for e in accumulator.Images(tag)]
+              for tag in tags["images"]}
+    return {k: v for k, v in scalars.items() if v}, {k: v for k, v in images.items() if v}
+
+
+def read_tensorboard_pixels(folder, name):
+    """``[(step, (H, W, 3) uint8 RGB)]`` of the image ``name``."""
+    return [(e.step, _decode_png(e.encoded_image_string)) for e in _event_accumulator(folder).Images(name)]
+
+
+def read_tensorboard_texts(folder):
+    """``{name: [(step, text)]}`` of the texts (``SummaryWriter.add_text``) in ``folder``."""
+    accumulator = _event_accumulator(folder)
+    suffix = "/text_summary"
+    return {tag[:-len(suffix)]: [(e.step, e.tensor_proto.string_val[0].decode())
+                                 for e in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"] if tag.endswith(suffix)}
+
+
+def event_files(folder):
+    return sorted(f for f in os.listdir(folder) if f.startswith(EVENT_FILE_PREFIX))
+
+
+def history_series(log_dir):
+    """``history.jsonl`` as ``{name: [(step, value as float32)]}``, as :func:`read_tensorboard` gives it."""
+    series = {}
+    for record in read_history(log_dir):
+        series.setdefault(record["name"], []).append((record["step"], float(np.float32(record["value"]))))
+    return series
+
+
+def start_of_next_second():
+    """Event files created in the same second are ordered by a counter, compared as text (``.10`` before
+    ``.9``); a resumed run starts seconds later in practice, and here too (a wait under one second)."""
+    start = int(time.time())
+    while int(time.time()) == start:
+        time.sleep(0.02)
+
+
+@requires_tensorboard
+def test_tensorboard_holds_every_plotted_point_image_and_text(tmp_path):
+    rng = np.random.default_rng()
+    vis = Visualizer(use_visdom=False, log_dir=tmp_path, flush_every=3600)  # tensorboard=None: installed: on
+    assert vis.uses_tensorboard
+    losses = {name: rng.random(4) * 3 for name in TOTAL_LOSSES}
+    for i in range(4):
+        vis.plot_many({name: torch.tensor(v[i]) for name, v in losses.items()}, step=40 * (i + 1))
+    test_map = rng.random()
+    vis.plot("test_map", test_map, step=160)
+    vis.plot("lr", 1e-3)  # no step: the original's counter, 0 then 1
+    vis.plot("lr", np.float32(1e-4))
+    float_img = rng.random((3, 30, 50)).astype(np.float32)
+    uint8_img = rng.integers(0, 256, (3, 20, 40), dtype=np.uint8)
+    batch = rng.random((2, 3, 10, 16))
+    counts = rng.integers(1, 1000, (1, 5, 5)).astype(np.float32)  # a confusion matrix
+    vis.img("float_img", float_img)  # at the largest step plotted: 160
+    vis.img("uint8_img", torch.from_numpy(uint8_img), step=7)
+    vis.img("batch", batch)
+    vis.img("roi_cm", counts)
+    vis.text(["cat", "dog"], win="labels")
+    vis.log("epoch 0: map 0.5", step=170)
+    vis.close()
+
+    assert len(event_files(tmp_path)) == 1
+    scalars, images = read_tensorboard(tmp_path)
+    expected = {name: [(40 * (i + 1), float(np.float32(v[i]))) for i in range(4)]
+                for name, v in losses.items()}
+    expected |= {"test_map": [(160, float(np.float32(test_map)))],
+                 "lr": [(0, float(np.float32(1e-3))), (1, float(np.float32(1e-4)))]}
+    assert scalars == expected
+    assert scalars == history_series(tmp_path)  # the same points as history.jsonl
+    assert images == {"float_img": [(160, (30, 50))], "uint8_img": [(7, (20, 40))],
+                      "batch": [(160, (10, 32))], "roi_cm": [(160, (5, 5))]}  # a batch: side by side
+    [(_, got)] = read_tensorboard_pixels(tmp_path, "float_img")
+    np.testing.assert_array_equal(got, np.round(float_img * 255).astype(np.uint8).transpose(1, 2, 0))
+    [(_, got)] = read_tensorboard_pixels(tmp_path, "uint8_img")
+    np.testing.assert_array_equal(got, uint8_img.transpose(1, 2, 0))
+    [(_, got)] = read_tensorboard_pixels(tmp_path, "batch")
+    for i in range(2):
+        np.testing.assert_array_equal(got[:, 16 * i:16 * (i + 1)],
+                                      np.round(batch[i] * 255).astype(np.uint8).transpose(1, 2, 0))
+    [(_, got)] = read_tensorboard_pixels(tmp_path, "roi_cm")
+    heat = np.round(counts[0] / counts.max() * 255).astype(np.uint8)  # counts / their max, gray
+    for channel in range(3):
+        np.testing.assert_array_equal(got[..., channel], heat)
+    texts = read_tensorboard_texts(tmp_path)
+    assert texts["labels"] == [(160, "['cat', 'dog']")]
+    [(step, line)] = texts["log_text"]
+    assert step == 170 and line.endswith("] epoch 0: map 0.5") and line in vis.log_text
+
+
+def test_tensorboard_image_conversion_rules():
+    from utils.vis_tool import _tensorboard_image
+
+    gray = np.array([[0, 0.5], [1, 0.25]])
+    np.testing.assert_array_equal(_tensorboard_image(gray), [[[0, 128], [255, 64]]])  # (H, W): one gray
+    np.testing.assert_array_equal(_tensorboard_image(np.array([[[-3, 0, 6]]])), [[[0, 0, 255]]])
+    np.testing.assert_array_equal(_tensorboard_image(np.array([[[True, False]]])), [[[255, 0]]])
+    np.testing.assert_array_equal(_tensorboard_image(np.zeros((1, 2, 2), np.int64) - 5), np.zeros((1, 2, 2)))
+    assert _tensorboard_image(torch.ones(2, 3, 4, 5)).shape == (2, 3, 4, 5)
+    with pytest.raises(ValueError, match="an image must be"):
+        _tensorboard_image(np.zeros((4, 5, 6)))
+
+
+@requires_tensorboard
+def test_a_restarted_visualizer_appends_to_the_same_folder(tmp_path):
+    rng = np.random.default_rng()
+    values = rng.random(4)
+    first = Visualizer(use_visdom=False, log_dir=tmp_path)
+    first.plot("total_loss", values[0], step=10)
+    first.plot("total_loss", values[1], step=20)
+    first.img("gt_img", np.zeros((3, 8, 9), np.uint8))
+    first.close()
+    first.close()  # again: nothing more
+    start_of_next_second()
+    with Visualizer(use_visdom=False, log_dir=tmp_path) as second:  # history.jsonl read back
+        assert second.step == 20
+        second.img("gt_img", np.zeros((3, 6, 7), np.uint8))  # at the last step of the folder
+        second.plot("total_loss", values[2], step=30)
+        second.plot("total_loss", values[3], step=40)
+    assert len(event_files(tmp_path)) == 2
+    scalars, images = read_tensorboard(tmp_path)
+    assert scalars == history_series(tmp_path) == {
+        "total_loss": [(10 * (i + 1), float(np.float32(v))) for i, v in enumerate(values)]}
+    assert images == {"gt_img": [(20, (8, 9)), (20, (6, 7))]}
+
+
+@requires_tensorboard
+def test_resuming_from_a_checkpoint_state_discards_what_came_after_it(tmp_path):
+    rng = np.random.default_rng()
+    old, new = rng.random(5), rng.random(5) + 10
+    first = Visualizer(use_visdom=False, log_dir=tmp_path)
+    for i in range(5):
+        first.plot("total_loss", old[i], step=10 * (i + 1))
+        first.img("gt_img", np.zeros((3, 4, 4 + i), np.uint8))
+        if i == 2:
+            first.log("checkpoint")
+            state = json.loads(json.dumps(first.state_dict()))  # the vis_info of a checkpoint at step 30
+            first.plot("test_map", 0.5)  # the original's counter; same step as the checkpoint: 30 is kept
+    first.close()
+    assert state["step"] == 30
+    start_of_next_second()
+    with Visualizer(use_visdom=False, log_dir=tmp_path) as resumed:
+        resumed.load_state_dict(state)
+        assert resumed.step == 30 and resumed.log_text == state["log_text"]
+        for i in (3, 4):  # the resumed run plots steps 40 and 50 again
+            resumed.plot("total_loss", new[i], step=10 * (i + 1))
+            resumed.img("gt_img", np.zeros((3, 8, 1 + i), np.uint8))
+    scalars, images = read_tensorboard(tmp_path)
+    expected = [(10 * (i + 1), float(np.float32(v))) for i, v in enumerate([*old[:3], *new[3:]])]
+    assert scalars == {"total_loss": expected, "test_map": [(0, 0.5)]}
+    assert history_series(tmp_path) == scalars  # history.jsonl dropped the same points
+    assert images == {"gt_img": [(10, (4, 4)), (20, (4, 5)), (30, (4, 6)), (40, (8, 4)), (50, (8, 5))]}
+
+    # the original's vis_info (no step) discards nothing
+    before = read_history(tmp_path)
+    original = Visualizer(use_visdom=False, log_dir=tmp_path)
+    original.load_state_dict({"index": {"total_loss": 2}, "vis_kw": {}, "log_text": "", "env": "main"})
+    original.flush()
+    assert read_history(tmp_path) == before and original.step == 50
+
+
+def test_tensorboard_off_writes_no_event_file(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vis = Visualizer(use_visdom=False, log_dir=tmp_path, tensorboard=False)
+        vis.plot("total_loss", 1.0, step=3)
+        vis.img("gt_img", gray_image() / 255)
+        vis.text("x", win="labels")
+        vis.log("y")
+        vis.save()
+        vis.close()
+    assert not vis.uses_tensorboard
+    assert sorted(os.listdir(tmp_path)) == ["curves.png", "history.jsonl"]
+    assert read_history(tmp_path)[0]["value"] == 1.0
+
+
+def test_tensorboard_without_log_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not Visualizer(use_visdom=False).uses_tensorboard  # auto: silently off
+    with pytest.warns(UserWarning, match="tensorboard=True needs a log_dir") as record:
+        vis = Visualizer(use_visdom=False, tensorboard=True)
+    assert [w.category.__name__ for w in record] == ["TensorBoardUnavailableWarning"]
+    vis.plot("loss", 1.0)
+    vis.close()
+    assert not vis.uses_tensorboard and os.listdir(tmp_path) == []
+
+
+def test_tensorboard_asked_for_but_not_installed_warns_once_and_training_goes_on(tmp_path, monkeypatch):
+    from utils.vis_tool import TensorBoardUnavailableWarning
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # any import of it raises ImportError
+    with pytest.warns(TensorBoardUnavailableWarning) as record:
+        vis = Visualizer(use_visdom=False, log_dir=tmp_path, tensorboard=True)
+    assert len(record) == 1
+    assert "pip install tensorboard" in str(record[0].message) and "curves.png" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not vis.uses_tensorboard
+        vis.plot("total_loss", 2.0, step=40)
+        vis.img("gt_img", gray_image() / 255)
+        vis.text("x")
+        vis.log("y")
+        vis.save()
+        vis.close()
+        auto = Visualizer(use_visdom=False, log_dir=tmp_path / "auto")  # auto: silently off
+        auto.plot("total_loss", 1.0)
+    assert not auto.uses_tensorboard
+    assert [(r["step"], r["value"]) for r in read_history(tmp_path)] == [(40, 2.0)]
+    assert event_files(tmp_path) == [] and event_files(tmp_path / "auto") == []
+
+
+def test_an_event_file_that_cannot_be_written_costs_one_warning(tmp_path, monkeypatch):
+    from utils import vis_tool
+
+    class FullDisk:
+        def __init__(self, log_dir, purge_step=None):
+            self.closed = False
+
+        def add_scalar(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(vis_tool, "_summary_writer_class", lambda: FullDisk)
+    vis = Visualizer(use_visdom=False, log_dir=tmp_path)
+    assert vis.uses_tensorboard
+    with pytest.warns(vis_tool.TensorBoardUnavailableWarning, match="No space left on device") as record:
+        vis.plot("total_loss", 1.0, step=1)
+        vis.plot("total_loss", 0.5, step=2)
+        vis.img("gt_img", gray_image() / 255)
+        vis.log("still going")
+        vis.close()
+    assert len(record) == 1 and not vis.uses_tensorboard
+    assert [r["value"] for r in read_history(tmp_path)] == [1.0, 0.5]
+
+
+@requires_tensorboard
+def test_events_reach_the_disk_when_the_process_ends_without_close(tmp_path):
+    script = ("import sys; from utils.vis_tool import Visualizer; "
+              "vis = Visualizer(use_visdom=False, log_dir=sys.argv[1], flush_every=1e9); "
+              "[vis.plot('total_loss', 1.0 / (i + 1), step=i) for i in range(3)]; "
+              "vis.img('gt_img', __import__('numpy').zeros((3, 5, 6)))")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, timeout=120,
+                   cwd=os.path.dirname(os.path.dirname(__file__)))
+    scalars, images = read_tensorboard(tmp_path)
+    assert scalars == {"total_loss": [(0, 1.0), (1, float(np.float32(0.5))), (2, float(np.float32(1 / 3)))]}
+    assert images == {"gt_img": [(2, (5, 6))]}
+
+
+class FakeDetector:
+    """What plot_training_pictures uses of a FasterRCNN: ``normalize`` and ``predict``; counts the calls."""
+
+    normalize = "torchvision"
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, imgs, visualize=False):
+        self.calls += 1
+        assert visualize and len(imgs) == 1 and imgs[0].shape == (3, 60, 80)
+        return [np.array([[5, 5, 40, 60]], np.float32)], [np.array([1])], [np.array([0.9], np.float32)]
+
+
+class FakeMeter:
+    def __init__(self, value):
+        self._value = value
+
+    def value(self):
+        return self._value
+
+
+def fake_trainer(rng):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(faster_rcnn=FakeDetector(), class_names=("cat", "dog"),
+                           rpn_cm=FakeMeter(rng.integers(0, 100, (2, 2))),
+                           roi_cm=FakeMeter(rng.integers(0, 100, (3, 3))))
+
+
+@requires_tensorboard
+def test_training_pictures_go_to_tensorboard_without_visdom(tmp_path):
+    from utils.vis_tool import plot_training_pictures
+
+    rng = np.random.default_rng()
+    trainer = fake_trainer(rng)
+    img = torch.from_numpy(rng.standard_normal((3, 60, 80)).astype(np.float32))  # a normalized input
+    bbox, label = torch.tensor([[10.0, 20, 50, 70]]), torch.tensor([0])
+    with Visualizer(use_visdom=False, log_dir=tmp_path) as vis:
+        vis.plot("total_loss", 1.0, step=40)
+        plot_training_pictures(vis, trainer, img, bbox, label)
+    assert trainer.faster_rcnn.calls == 1
+    _, images = read_tensorboard(tmp_path)
+    w, h = (matplotlib.rcParams["figure.figsize"][i] * matplotlib.rcParams["figure.dpi"] for i in (0, 1))
+    assert images == {"gt_img": [(40, (round(h), round(w)))], "pred_img": [(40, (round(h), round(w)))],
+                      "roi_cm": [(40, (3, 3))]}
+    for name in ("gt_img", "pred_img"):
+        [(_, rgb)] = read_tensorboard_pixels(tmp_path, name)
+        red = (rgb[..., 0] > 200) & (rgb[..., 1] < 64) & (rgb[..., 2] < 64)
+        assert red.sum() > 100, name  # the box is drawn
+    assert read_tensorboard_texts(tmp_path)["rpn_cm"] == [(40, str(trainer.rpn_cm.value().tolist()))]
+
+
+def test_training_pictures_cost_nothing_without_visdom_and_tensorboard(tmp_path):
+    from utils.vis_tool import plot_training_pictures
+
+    trainer = fake_trainer(np.random.default_rng())
+    vis = Visualizer(use_visdom=False, log_dir=tmp_path, tensorboard=False)
+    vis.plot("total_loss", 1.0, step=40)
+    plot_training_pictures(vis, trainer, torch.zeros(3, 60, 80), torch.zeros(1, 4), torch.zeros(1))
+    assert trainer.faster_rcnn.calls == 0
+    assert event_files(tmp_path) == []

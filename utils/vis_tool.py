@@ -1,4 +1,5 @@
-"""Pictures of detections (matplotlib) and the training dashboard (visdom, plus files in the run folder).
+"""Pictures of detections (matplotlib) and the training dashboard (visdom, TensorBoard event files, and a
+history in the run folder).
 
 Drawing renders off-screen through ``matplotlib.figure.Figure`` and the Agg canvas, so it works headless with
 current Matplotlib and never changes the pyplot backend (a notebook keeps its inline plots): only
@@ -18,6 +19,7 @@ import os
 import socket
 import time
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlparse
 
@@ -30,8 +32,8 @@ from matplotlib.patches import Rectangle
 from utils.array_tool import tonumpy
 from utils.files import atomic_write
 
-__all__ = ["Visualizer", "VisdomUnavailableWarning", "fig4vis", "plot_training_pictures", "vis_bbox",
-           "vis_image", "visdom_bbox"]
+__all__ = ["TensorBoardUnavailableWarning", "Visualizer", "VisdomUnavailableWarning", "fig4vis",
+           "plot_training_pictures", "vis_bbox", "vis_image", "visdom_bbox"]
 
 # Seconds to wait for a visdom server to accept a connection, and for it to answer a request (a shorter wait
 # for the first request: a port that accepts but never answers must not hold up the start of a run).
@@ -141,16 +143,21 @@ def visdom_bbox(*args, **kwargs) -> np.ndarray:
 
 
 def plot_training_pictures(vis: Visualizer, trainer, img, bbox, label) -> None:
-    """The original's pictures of a plot step, when visdom is connected: the ground truth and the
-    prediction of the training image, and both confusion matrices of the trainer's meters.
+    """The original's pictures of a plot step, when visdom is connected or TensorBoard is on: the ground
+    truth and the prediction of the training image, and both confusion matrices of the trainer's meters.
+    With neither, nothing is drawn or predicted.
+
+    In TensorBoard they land at the step last plotted (``vis.step``: train.py plots the losses of this
+    step just before): images ``gt_img``, ``pred_img`` and ``roi_cm`` (shown as a heat map, see
+    :meth:`Visualizer.img`), text ``rpn_cm``.
 
     Args:
-        vis: the dashboard (nothing is drawn without a visdom server).
+        vis: the dashboard.
         trainer: a ``trainer.FasterRCNNTrainer`` (its model, class names and confusion meters).
         img: ``(3, H', W')`` preprocessed training image (tensor or array).
         bbox: ``(R, 4)`` its ground-truth boxes in pixels of ``img``; ``label``: ``(R,)`` their labels.
     """
-    if not vis.connected:
+    if not (vis.connected or vis.uses_tensorboard):
         return
     from data.dataset import inverse_normalize
 
@@ -165,6 +172,40 @@ def plot_training_pictures(vis: Visualizer, trainer, img, bbox, label) -> None:
 
 class VisdomUnavailableWarning(UserWarning):
     """No visdom server answers (at start or any more): the run goes on without it."""
+
+
+class TensorBoardUnavailableWarning(UserWarning):
+    """TensorBoard was asked for but cannot be written (not installed, no ``log_dir``, a write failed): the
+    run goes on without it."""
+
+
+def _summary_writer_class() -> type:
+    """``torch.utils.tensorboard.SummaryWriter``; ``ImportError`` when the ``tensorboard`` package is
+    missing (torch imports it there)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter
+
+
+def _tensorboard_image(img) -> np.ndarray:
+    """An image for ``SummaryWriter.add_image(s)``: ``(C, H, W)`` or ``(N, C, H, W)`` uint8, ``C`` 1 or 3.
+
+    uint8 passes as is; bool is 0/255; other numbers in ``[0, 1]`` are scaled by 255; numbers outside
+    ``[0, 1]`` (a confusion matrix of counts) are divided by their maximum, negatives shown as 0: a heat map.
+    A ``(H, W)`` array is one gray image.
+    """
+    array = _as_array(img)
+    if array.ndim == 2:
+        array = array[None]  # (H, W) -> (1, H, W)
+    if array.ndim not in (3, 4) or array.shape[-3] not in (1, 3):
+        raise ValueError(f"an image must be (3, H, W), (1, H, W), (H, W) or (N, 3, H, W), got {array.shape}")
+    if array.dtype == np.uint8:
+        return array
+    array = array.astype(np.float64)
+    low, high = (array.min(), array.max()) if array.size else (0.0, 0.0)
+    if low < 0 or high > 1:
+        array = np.clip(array, 0, None) / high if high > 0 else np.zeros_like(array)
+    return np.round(array * 255).astype(np.uint8)
 
 
 @functools.cache
@@ -190,7 +231,8 @@ def _visdom_client_class() -> type:
 
 
 class Visualizer:
-    """The original's visdom dashboard, optional, plus a history that is always written to ``log_dir``.
+    """The original's visdom dashboard, optional; TensorBoard event files, optional; and a history that is
+    always written to ``log_dir``.
 
     Visdom is used when ``use_visdom`` and a server answers at ``server:port``; otherwise (one warning) the
     run goes on and every call is a no-op for visdom. A server that stops answering later costs one warning
@@ -203,18 +245,43 @@ class Visualizer:
     :meth:`plot`, and by :meth:`flush`. A ``history.jsonl`` already in ``log_dir`` (a resumed run) is read
     back and its series go on from their last step.
 
+    TensorBoard (``tensorboard``: ``None`` = on when the ``tensorboard`` package is installed; ``True`` and
+    not installed, or no ``log_dir``: one :class:`TensorBoardUnavailableWarning`, off) writes event files
+    ``events.out.tfevents.*`` into ``log_dir`` through ``torch.utils.tensorboard.SummaryWriter``, created at
+    the first write:
+
+    * every :meth:`plot` point as a scalar: same name, step, value and wall time as in ``history.jsonl``;
+    * every :meth:`img` as an image, every :meth:`text` and :meth:`log` as text (markdown), at the step given
+      or else at :attr:`step`, the largest step plotted so far (0 before any);
+
+    sent to disk by :meth:`flush` (so also every ``flush_every`` seconds from :meth:`plot`, and by
+    :meth:`save`), and by :meth:`close` or the end of the process at the latest. Visdom and TensorBoard can
+    run together. A resumed run appends a new event file to the same folder; TensorBoard reads all of them
+    as one run. ``tensorboard --logdir <save_dir>`` shows every run folder below ``save_dir``.
+
+    Resuming (:meth:`load_state_dict` of a :meth:`state_dict`) discards what was plotted after the
+    checkpoint was written (steps above its :attr:`step`, which the resumed run plots again): those
+    records are dropped from ``history.jsonl``, and the new event file starts with TensorBoard's purge
+    marker (``SummaryWriter(purge_step=step + 1)``), which hides the events of earlier files at steps
+    ``>= step + 1``. The event files themselves are never rewritten.
+
     Args:
         env: visdom environment.
         port, server: where the visdom server listens (``server`` with or without ``http://``).
-        log_dir: folder of ``history.jsonl`` and ``curves.png`` (created when needed); ``None``: no files.
+        log_dir: folder of ``history.jsonl``, ``curves.png`` and the event files (created when needed);
+            ``None``: no files.
         use_visdom: ``False`` skips visdom altogether (no warning).
         flush_every: seconds between automatic rewrites of the files.
+        tensorboard: ``True``/``False``: TensorBoard on/off; ``None``: on when installed (silently off when
+            not, or without ``log_dir``).
         **kwargs: passed to ``visdom.Visdom`` (``base_url``, ``username``, ``password``, ...).
+
+    The Visualizer is a context manager: leaving the ``with`` block calls :meth:`close`.
     """
 
     def __init__(self, env: str = "default", port: int = 8097, server: str = "http://localhost",
                  log_dir: str | os.PathLike | None = None, use_visdom: bool = True, flush_every: float = 5.0,
-                 **kwargs) -> None:
+                 tensorboard: bool | None = None, **kwargs) -> None:
         self.env = env
         self.port = port
         self.server = server if "://" in server else "http://" + server
@@ -224,16 +291,81 @@ class Visualizer:
         self.index: dict[str, int] = {}  # series name -> next step when plot() gets none (the original's)
         self.log_text = ""
         self.history: list[dict] = []
+        self.step: int | None = None  # the largest step plotted (read back from history.jsonl too)
         self._dirty = False
         self._last_flush = -math.inf
         if self.log_dir is not None:
             self._read_history()
+        self._writer_class = self._tensorboard_writer_class(tensorboard)
+        self._writer = None
+        self._close_writer = None  # weakref.finalize closing the writer at exit if close() is not called
+        self._purge_step: int | None = None
         self.vis = self._connect() if use_visdom else None
 
     @property
     def connected(self) -> bool:
         """Whether plots are still sent to a visdom server."""
         return self.vis is not None
+
+    @property
+    def uses_tensorboard(self) -> bool:
+        """Whether plots, images and texts are written to TensorBoard event files in ``log_dir``."""
+        return self._writer_class is not None
+
+    # --- tensorboard ------------------------------------------------------------------------------------
+    def _tensorboard_writer_class(self, tensorboard: bool | None) -> type | None:
+        """``SummaryWriter`` when TensorBoard is on; ``None`` when off (one warning if it was asked for)."""
+        if tensorboard is False:
+            return None
+        if self.log_dir is None:
+            if tensorboard:
+                warnings.warn("tensorboard=True needs a log_dir for its event files; training goes on "
+                              "without TensorBoard", TensorBoardUnavailableWarning, stacklevel=3)
+            return None
+        try:
+            return _summary_writer_class()
+        except ImportError as e:
+            if tensorboard:
+                warnings.warn(f"TensorBoard is not available ({e}): `pip install tensorboard` or pass "
+                              "--tensorboard=false; training goes on without it, curves are still written "
+                              f"to {os.path.join(self.log_dir, 'curves.png')}",
+                              TensorBoardUnavailableWarning, stacklevel=3)
+            return None
+
+    def _tensorboard(self, method: str, *args, **kwargs) -> None:
+        """``SummaryWriter.<method>(...)`` (the writer is made on the first call); when the event file cannot
+        be written: one warning, and TensorBoard is off from then on."""
+        if self._writer_class is None:
+            return
+        try:
+            if self._writer is None:
+                self._writer = self._writer_class(self.log_dir, purge_step=self._purge_step)
+                self._purge_step = None
+                self._close_writer = weakref.finalize(self, self._writer.close)
+            getattr(self._writer, method)(*args, **kwargs)
+        except OSError as e:
+            warnings.warn(f"cannot write TensorBoard events to {self.log_dir} ({e}); training goes on "
+                          "without TensorBoard", TensorBoardUnavailableWarning, stacklevel=3)
+            self._writer_class = None
+            self._close_tensorboard()
+
+    def _close_tensorboard(self) -> None:
+        """Close the event file (flushing it); a later write opens a new one."""
+        writer, self._writer = self._writer, None
+        if self._close_writer is not None:
+            self._close_writer.detach()
+            self._close_writer = None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError as e:
+                warnings.warn(f"cannot write TensorBoard events to {self.log_dir} ({e})",
+                              TensorBoardUnavailableWarning, stacklevel=3)
+
+    def _tensorboard_step(self, step: int | None) -> int:
+        if step is not None:
+            return int(step)
+        return 0 if self.step is None else self.step
 
     # --- visdom -----------------------------------------------------------------------------------------
     def _address(self) -> str:
@@ -288,7 +420,10 @@ class Visualizer:
         self._call("line", Y=np.array([y]), X=np.array([x]), win=name, opts={"title": name},
                    update="append" if name in self.index else None, **kwargs)
         self.index[name] = x + 1
-        self.history.append({"name": name, "step": x, "value": y, "time": round(time.time(), 3)})
+        self.step = x if self.step is None else max(self.step, x)
+        record = {"name": name, "step": x, "value": y, "time": round(time.time(), 3)}
+        self.history.append(record)
+        self._tensorboard("add_scalar", name, y, x, walltime=record["time"])
         self._dirty = True
         if time.monotonic() - self._last_flush >= self.flush_every:
             self.flush()
@@ -299,20 +434,35 @@ class Visualizer:
             if value is not None:
                 self.plot(name, value, step=step)
 
-    def img(self, name: str, img, **kwargs) -> None:
+    def img(self, name: str, img, step: int | None = None, **kwargs) -> None:
         """Show an image in window ``name``: ``(3, H, W)`` or ``(N, 3, H, W)`` float in ``[0, 1]`` or uint8
-        in ``[0, 255]`` (numpy array or tensor); ``**kwargs`` go to ``visdom.Visdom.images``."""
+        in ``[0, 255]`` (numpy array or tensor); ``**kwargs`` go to ``visdom.Visdom.images``.
+
+        TensorBoard gets it as image ``name`` at ``step`` (default :attr:`step`, the largest step plotted),
+        as uint8: floats in ``[0, 1]`` times 255; other values (a confusion matrix of counts) divided by
+        their maximum. ``(1, H, W)`` and ``(H, W)`` are gray; ``(N, 3, H, W)`` is one entry of ``N`` images.
+        """
         if self.vis is not None:
             self._call("images", _as_array(img), win=name, opts={"title": name}, **kwargs)
+        if self.uses_tensorboard:
+            image = _tensorboard_image(img)
+            method = "add_images" if image.ndim == 4 else "add_image"
+            self._tensorboard(method, name, image, self._tensorboard_step(step),
+                              dataformats="NCHW" if image.ndim == 4 else "CHW")
 
-    def text(self, text, win: str = "text") -> None:
-        """Show ``text`` (anything; shown as ``str(text)``) in window ``win``."""
+    def text(self, text, win: str = "text", step: int | None = None) -> None:
+        """Show ``text`` (anything; shown as ``str(text)``) in window ``win``; TensorBoard: text ``win`` at
+        ``step`` (default :attr:`step`)."""
         self._call("text", str(text), win=win)
+        self._tensorboard("add_text", win, str(text), self._tensorboard_step(step))
 
-    def log(self, info, win: str = "log_text") -> None:
-        """Append ``[mmdd_HHMMSS] info`` to the log shown in window ``win``."""
-        self.log_text += f"[{time.strftime('%m%d_%H%M%S')}] {info} <br>"
+    def log(self, info, win: str = "log_text", step: int | None = None) -> None:
+        """Append ``[mmdd_HHMMSS] info`` to the log shown in window ``win``; TensorBoard gets that line
+        alone as text ``win`` at ``step`` (default :attr:`step`)."""
+        line = f"[{time.strftime('%m%d_%H%M%S')}] {info}"
+        self.log_text += f"{line} <br>"
         self._call("text", self.log_text, win=win)
+        self._tensorboard("add_text", win, line, self._tensorboard_step(step))
 
     def save(self) -> None:
         """Persist the env on the visdom server (its ``env_path``) and flush the files; never raises for a
@@ -320,26 +470,60 @@ class Visualizer:
         self._call("save", [self.env])
         self.flush()
 
+    def close(self) -> None:
+        """Flush the files and close the TensorBoard event file (a later write opens a new one). Calling it
+        again does nothing more."""
+        self.flush()
+        self._close_tensorboard()
+
+    def __enter__(self) -> Visualizer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def state_dict(self) -> dict:
-        """Plain values to store in a checkpoint (``vis_info``)."""
+        """Plain values to store in a checkpoint (``vis_info``); ``step`` is the largest step plotted."""
         return {"index": dict(self.index), "vis_kw": {"server": self.server, "port": self.port},
-                "log_text": self.log_text, "env": self.env}
+                "log_text": self.log_text, "env": self.env, "step": self.step}
 
     def load_state_dict(self, d: Mapping) -> Visualizer:
         """Restore the counters, the log and the env of :meth:`state_dict` (also the original's
         ``vis_info``). The connection settings (``vis_kw``) are not taken: this run's options decide where
-        plots go."""
+        plots go.
+
+        With a ``step`` (from :meth:`state_dict`; the original's ``vis_info`` has none), the points plotted
+        after the checkpoint are discarded: history records with a larger step are dropped, and TensorBoard
+        hides the events of earlier event files from ``step + 1`` on (its purge marker, written at the start
+        of the next event file).
+        """
         self.index = {str(k): int(v) for k, v in d.get("index", {}).items()}
         self.log_text = str(d.get("log_text", ""))
         self.env = str(d.get("env", self.env))
         if self.vis is not None:
             self.vis.env = self.env
+        if d.get("step") is not None:
+            self._discard_after(int(d["step"]))
         return self
+
+    def _discard_after(self, step: int) -> None:
+        """Forget the points plotted at steps above ``step`` (they belong to a discarded continuation)."""
+        kept = [record for record in self.history if record["step"] <= step]
+        if len(kept) != len(self.history):
+            self.history = kept
+            self._dirty = True
+        self.step = step
+        if self.uses_tensorboard:
+            self._close_tensorboard()  # the next event file starts with the purge marker
+            self._purge_step = step + 1
 
     # --- files ------------------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Rewrite ``history.jsonl`` and ``curves.png`` in ``log_dir`` if points came since the last flush."""
+        """Send the TensorBoard events to disk; rewrite ``history.jsonl`` and ``curves.png`` in ``log_dir`` if
+        points came since the last flush."""
         self._last_flush = time.monotonic()
+        if self._writer is not None:
+            self._tensorboard("flush")
         if self.log_dir is None or not self._dirty:
             return
         os.makedirs(self.log_dir, exist_ok=True)
@@ -366,6 +550,7 @@ class Visualizer:
                     continue
                 self.history.append(record)
                 self.index[record["name"]] = max(self.index.get(record["name"], 0), record["step"] + 1)
+                self.step = record["step"] if self.step is None else max(self.step, record["step"])
         if n_bad:
             warnings.warn(f"{path}: skipped {n_bad} unreadable line(s)", stacklevel=3)
 
