@@ -57,7 +57,7 @@ from utils.config import Config, ConfigError
 from utils.evaluation import ap_table, evaluate, evaluate_checkpoint, test_loader
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
 from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, run_dir
-from utils.vis_tool import Visualizer, plot_training_pictures
+from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
 
 __all__ = ["build_model", "evaluates_after", "train", "eval_checkpoint", "main"]
 
@@ -122,7 +122,7 @@ def train_one_epoch(run: TrainingRun, cfg: Config, stop: StopSignals) -> None:
         state.position += 1
         state.iteration += 1
         if state.iteration % cfg.plot_every == 0:
-            vis.plot_many(trainer.get_meter_data(), step=state.iteration)
+            vis.plot_many({**trainer.get_meter_data(), "lr": trainer.lr}, step=state.iteration)
             height, width = sizes[0]
             plot_training_pictures(vis, trainer, imgs[0, :, :height, :width], bboxes[0], labels[0])
         if state.iteration % 10 == 0:
@@ -186,7 +186,7 @@ def train(**kwargs) -> float | None:
     # history.jsonl/curves.png are rewritten at most every 30 s and at the end of each epoch (vis.save):
     # drawing curves.png takes about half a second, 10% of the time at the Visualizer's default of 5 s.
     vis = Visualizer(env=cfg.env, server=cfg.visdom_server, port=cfg.port, log_dir=folder,
-                     use_visdom=cfg.use_visdom, flush_every=30.0)
+                     use_visdom=cfg.use_visdom, flush_every=30.0, tensorboard=cfg.tensorboard)
     run = TrainingRun(trainer, dataset, vis, RunState(), folder, cfg.lr_decay_epoch, cfg.lr_decay)
     if cfg.load_path:
         run.resume(cfg.load_path)
@@ -194,8 +194,8 @@ def train(**kwargs) -> float | None:
               f"best mAP {run.state.best_map}")
     vis.text(str(list(dataset.label_names)), win="labels")
 
-    state, eval_map = run.state, None
-    with StopSignals() as stop:
+    state, eval_map, metric = run.state, None, "COCO AP" if testset.metric == "coco" else "mAP"
+    with StopSignals() as stop, vis:
         try:
             while state.epoch < cfg.epoch:
                 if state.batches is None:
@@ -205,10 +205,12 @@ def train(**kwargs) -> float | None:
                 losses = trainer.get_meter_data()
                 evaluated = evaluates_after(state.epoch, cfg)
                 if evaluated:
-                    eval_map = float(evaluate(loader, model, testset, amp=cfg.amp, stop=stop)["map"])
-                    vis.plot("test_map", eval_map, step=state.iteration)
-                    vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, map {eval_map:.4f}, loss {losses}")
-                    print(f"epoch {state.epoch}: test mAP {eval_map:.4f}, train loss "
+                    result = evaluate(loader, model, testset, amp=cfg.amp, stop=stop)
+                    eval_map = float(result["map"])
+                    plot_evaluation(vis, result, state.iteration)
+                    vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, {metric} {eval_map:.4f}, "
+                            f"loss {losses}")
+                    print(f"epoch {state.epoch}: test {metric} {eval_map:.4f}, train loss "
                           f"{losses['total_loss']:.4f}, lr {trainer.lr:.3g}")
                 else:
                     vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, not evaluated, loss {losses}")
@@ -227,8 +229,8 @@ def train(**kwargs) -> float | None:
             raise
 
     if eval_map is not None:
-        print(f"final test mAP: {eval_map:.4f}")
-    print(f"best test mAP: {state.best_map}, checkpoint: {run.paths['best']} "
+        print(f"final test {metric}: {eval_map:.4f}")
+    print(f"best test {metric}: {state.best_map}, checkpoint: {run.paths['best']} "
           f"(resume from {run.paths['last']})")
     return state.best_map
 

@@ -153,6 +153,8 @@ class Config:
     visdom_server: str = option("http://localhost", "address of the visdom server")
     port: int = option(8097, "port of the visdom server")
     env: str = option("faster-rcnn", "visdom environment")
+    tensorboard: bool | None = option(None, "write TensorBoard event files into the run folder (None: when "
+                                            "tensorboard is installed); tensorboard --logdir checkpoints")
     plot_every: int = option(40, "plot losses and pictures every plot_every iterations")
 
     # Options ignored without a word when found in an old checkpoint's config (the original's dead options).

@@ -33,7 +33,7 @@ from utils.array_tool import tonumpy
 from utils.files import atomic_write
 
 __all__ = ["TensorBoardUnavailableWarning", "Visualizer", "VisdomUnavailableWarning", "fig4vis",
-           "plot_training_pictures", "vis_bbox", "vis_image", "visdom_bbox"]
+           "plot_evaluation", "plot_training_pictures", "vis_bbox", "vis_image", "visdom_bbox"]
 
 # Seconds to wait for a visdom server to accept a connection, and for it to answer a request (a shorter wait
 # for the first request: a port that accepts but never answers must not hold up the start of a run).
@@ -140,6 +140,16 @@ def visdom_bbox(*args, **kwargs) -> np.ndarray:
     FigureCanvasAgg(fig)
     vis_bbox(*args, ax=fig.add_subplot(1, 1, 1), **kwargs)
     return fig4vis(fig)
+
+
+def plot_evaluation(vis: Visualizer, result: dict, step: int) -> None:
+    """Plot an evaluation result (``utils.evaluation.score``) at training step ``step``: ``test_map`` (VOC07
+    mAP, or COCO AP), and COCO's AP50, AP75, APs, APm, APl as ``test_AP50``... for COCO data."""
+    vis.plot("test_map", result["map"], step=step)
+    if result.get("metric") == "coco":
+        for key in ("AP50", "AP75", "APs", "APm", "APl"):
+            if math.isfinite(result[key]):
+                vis.plot(f"test_{key}", result[key], step=step)
 
 
 def plot_training_pictures(vis: Visualizer, trainer, img, bbox, label) -> None:
