@@ -1,7 +1,8 @@
 """Faster R-CNN models, and rebuilding one from the ``'arch'`` entry of a checkpoint.
 
 A model class records its constructor arguments as plain values in ``self.arch``, with ``'name'`` its key in
-``_ARCHS`` (``FasterRCNNVGG16`` does). Adding a backbone = one entry in ``_ARCHS`` plus that ``self.arch``.
+``_ARCHS`` (``FasterRCNNVGG16`` and ``FasterRCNNResNet`` do). Adding a backbone = one entry in ``_ARCHS`` plus
+that ``self.arch``.
 
 An ``arch`` is the one record of a model's settings: :func:`canonical_arch` completes one written before a
 setting existed with that setting's default (the original's), so old checkpoints rebuild the model they
@@ -9,18 +10,25 @@ were trained as, and two archs compare equal exactly when they build the same mo
 """
 
 import copy
+import functools
+import inspect
 from collections.abc import Callable
 
 from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn_resnet import FasterRCNNResNet
 from model.faster_rcnn_toy import FasterRCNNToy
 from model.faster_rcnn_vgg16 import FasterRCNNVGG16
 from model.region_proposal_network import full_proposal_params
 
-__all__ = ["FasterRCNN", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn", "canonical_arch"]
+__all__ = [
+    "FasterRCNN", "FasterRCNNResNet", "FasterRCNNVGG16", "arch_of", "build_faster_rcnn", "canonical_arch",
+]
 
 # arch['name'] -> constructor taking the other entries of arch as keyword arguments
 _ARCHS: dict[str, Callable[..., FasterRCNN]] = {
     "vgg16": FasterRCNNVGG16,
+    "resnet50": functools.partial(FasterRCNNResNet, depth=50),  # the depth is in the name, not the arch
+    "resnet101": functools.partial(FasterRCNNResNet, depth=101),
     "toy": FasterRCNNToy,
 }
 
@@ -29,16 +37,36 @@ def build_faster_rcnn(arch: dict, **overrides) -> FasterRCNN:
     """Build a randomly initialised model of the architecture ``arch`` (weights come from the checkpoint).
 
     Args:
-        arch: the checkpoint's ``'arch'`` dict: ``'name'`` (a key of the registry: ``'vgg16'``) and the
-            constructor's keyword arguments, e.g. ``{'name': 'vgg16', 'n_fg_class': 20, 'ratios': [0.5, 1, 2],
-            'anchor_scales': [8, 16, 32], 'use_drop': False}``.
+        arch: the checkpoint's ``'arch'`` dict: ``'name'`` (a key of the registry: ``'vgg16'``,
+            ``'resnet50'``, ``'resnet101'``, ``'toy'``) and the constructor's keyword arguments, e.g.
+            ``{'name': 'vgg16', 'n_fg_class': 20, 'ratios': [0.5, 1, 2], 'anchor_scales': [8, 16, 32],
+            'use_drop': False}``.
         **overrides: keyword arguments that replace entries of ``arch`` (e.g. ``normalize='caffe'``).
+
+    Raises:
+        ValueError: an unknown name, or entries the named constructor does not take (checked before anything
+            is built).
     """
     kwargs = {**canonical_arch(arch), **overrides}
     name = kwargs.pop("name", None)
     if name not in _ARCHS:
         raise ValueError(f"arch['name'] must be one of {sorted(_ARCHS)}, got {name!r}")
+    unknown = sorted(set(kwargs) - _accepted_keywords(_ARCHS[name]))
+    if unknown:
+        raise ValueError(f"arch {name!r} has entries its constructor does not take: {unknown}")
     return _ARCHS[name](**kwargs)
+
+
+def _accepted_keywords(constructor: Callable[..., FasterRCNN]) -> set[str]:
+    """The keyword arguments ``constructor`` takes: its own (less those a ``functools.partial`` fixes) and,
+    where it has ``**faster_rcnn_kwargs``, :class:`FasterRCNN`'s (all but the three parts)."""
+    params = inspect.signature(constructor).parameters
+    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        accepted |= set(inspect.signature(FasterRCNN).parameters) - {"extractor", "rpn", "head"}
+    if isinstance(constructor, functools.partial):
+        accepted -= set(constructor.keywords)
+    return accepted
 
 
 def arch_of(model: FasterRCNN) -> dict:

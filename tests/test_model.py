@@ -483,8 +483,11 @@ def test_build_faster_rcnn_rebuilds_arch(model):
     assert type(rebuilt) is FasterRCNNVGG16 and arch_of(rebuilt) == arch
     rebuilt.load_state_dict(model.state_dict(), strict=True)
     assert (rebuilt.min_size, rebuilt.max_size) == (240, 400)
-    with pytest.raises(ValueError, match="'resnet101'"):
-        build_faster_rcnn(dict(arch, name="resnet101"))
+    with pytest.raises(ValueError, match="'resnet152'"):
+        build_faster_rcnn(dict(arch, name="resnet152"))
+    unknown = r"'resnet101' has entries its constructor does not take: \['use_drop'\]"
+    with pytest.raises(ValueError, match=unknown):
+        build_faster_rcnn(dict(arch, name="resnet101"))  # refused before a ResNet-101 is built
 
 
 def test_use_drop_and_preset_names(vgg16_file):
