@@ -441,3 +441,33 @@ def test_cuda_tensor_without_cupy_takes_the_cpu_path(monkeypatch):
     keep = non_maximum_suppression(torch.from_numpy(bbox).cuda(), 0.7, torch.from_numpy(score).cuda())
     assert keep.is_cuda and keep.dtype == torch.int64
     np.testing.assert_array_equal(keep.cpu().numpy(), nms_reference(bbox, 0.7, score))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the CPU path compares a candidate only with kept boxes of a similar area (model/utils/nms/_nms_cpu.pyx):
+# boxes of extreme and degenerate areas, at thresholds around where that bound is used
+
+
+@pytest.mark.parametrize("thresh", [0.7, 0.3, 1.0, 0.0, 1e-31, 1e-29])
+def test_cpu_path_on_extreme_and_degenerate_areas(thresh):
+    rng = np.random.default_rng(13)
+    bbox = random_bbox(rng, 600)
+    kind = rng.integers(0, 6, len(bbox))
+    bbox[kind == 1, 2] = bbox[kind == 1, 0]  # zero height
+    bbox[kind == 2] = bbox[kind == 2][:, [2, 3, 0, 1]]  # both sides inverted: a positive area, no overlap
+    bbox[kind == 3] *= np.float32(1e30)  # areas overflow to inf
+    bbox[kind == 4] *= np.float32(1e-20)  # subnormal areas
+    score = rng.random(len(bbox)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        expected = nms_reference(bbox, thresh, score)
+        np.testing.assert_array_equal(non_maximum_suppression(bbox, thresh, score), expected)
+        np.testing.assert_array_equal(non_maximum_suppression(bbox, thresh, score, limit=40), expected[:40])
+
+
+def test_cpu_path_area_bound_on_nested_boxes_at_the_threshold():
+    # Nested boxes: the IoU is the ratio of the areas, exactly 0.7 (suppressed) or one float32 step below.
+    outer = [0, 0, 10, 10]
+    at, below = [0, 0, 7, 10], [0, 0, np.nextafter(np.float32(7), np.float32(0)), 10]
+    for inner, expected in ((at, [0]), (below, [0, 1])):
+        for bbox in (np.array([outer, inner], np.float32), np.array([inner, outer], np.float32)):
+            assert non_maximum_suppression(bbox, 0.7).tolist() == expected

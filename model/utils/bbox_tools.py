@@ -118,12 +118,13 @@ def bbox_iou(bbox_a, bbox_b):
             f"bbox_iou wants two (R, 4) arrays, got shapes {bbox_a.shape} and {bbox_b.shape}")
     dtype = _iou_dtype(np.result_type(bbox_a, bbox_b))
     bbox_a, bbox_b = (b if b.dtype in (np.float32, np.float64) else b.astype(dtype) for b in (bbox_a, bbox_b))
-    # (R, K, 2): top-left and bottom-right corners of each intersection.
-    tl = np.maximum(bbox_a[:, None, :2], bbox_b[:, :2])
-    br = np.minimum(bbox_a[:, None, 2:], bbox_b[:, 2:])
-    area_i = np.prod(np.clip(br - tl, 0, None), axis=2)
-    area_a = np.prod(bbox_a[:, 2:] - bbox_a[:, :2], axis=1)
-    area_b = np.prod(bbox_b[:, 2:] - bbox_b[:, :2], axis=1)
+    # (R, K) intersection sides, coordinate by coordinate: the same float operations as corners and np.prod
+    # (a product of two), 3.5x faster on the creators' (20000, G) matrices (bench/host.py).
+    height = np.minimum(bbox_a[:, None, 2], bbox_b[:, 2]) - np.maximum(bbox_a[:, None, 0], bbox_b[:, 0])
+    width = np.minimum(bbox_a[:, None, 3], bbox_b[:, 3]) - np.maximum(bbox_a[:, None, 1], bbox_b[:, 1])
+    area_i = np.clip(height, 0, None) * np.clip(width, 0, None)
+    area_a = (bbox_a[:, 2] - bbox_a[:, 0]) * (bbox_a[:, 3] - bbox_a[:, 1])
+    area_b = (bbox_b[:, 2] - bbox_b[:, 0]) * (bbox_b[:, 3] - bbox_b[:, 1])
     union = area_a[:, None] + area_b - area_i
     return np.divide(area_i, union, out=np.zeros_like(area_i), where=union > 0)
 

@@ -76,19 +76,15 @@ class ProposalCreator:
             raise ValueError(f"loc, score and anchor must have one row per anchor, got {len(loc)}, "
                              f"{len(score)} and {len(anchor)}")
 
-        roi = decode_loc(anchor, check_boxes(loc, "loc"))
+        roi = decode_loc(anchor, check_boxes(loc, "loc"))  # (S, 4), a fresh array: clipped in place
         height, width = img_size
-        roi[:, 0::2] = np.clip(roi[:, 0::2], 0, height)
-        roi[:, 1::2] = np.clip(roi[:, 1::2], 0, width)
+        np.clip(roi[:, 0::2], 0, height, out=roi[:, 0::2])
+        np.clip(roi[:, 1::2], 0, width, out=roi[:, 1::2])
 
         min_size = self.min_size * scale
-        keep = np.flatnonzero(((roi[:, 2] - roi[:, 0]) >= min_size) & ((roi[:, 3] - roi[:, 1]) >= min_size))
-        roi, score = roi[keep], score[keep]
-
-        order = np.argsort(-score, kind="stable")  # descending, ties by index
-        if n_pre_nms > 0:
-            order = order[:n_pre_nms]
-        roi = np.ascontiguousarray(roi[order], dtype=np.float32)
+        valid = ((roi[:, 2] - roi[:, 0]) >= min_size) & ((roi[:, 3] - roi[:, 1]) >= min_size)
+        order = _rank(score, np.flatnonzero(valid), n_pre_nms)  # best first, ties by index
+        roi = np.take(roi, order, axis=0)  # (R', 4) contiguous; take copies rows ~10x faster than roi[order]
         if len(roi) == 0:
             return roi
 
@@ -99,7 +95,36 @@ class ProposalCreator:
         else:
             keep = non_maximum_suppression(
                 torch.from_numpy(roi).to(device), self.nms_thresh, limit=limit).cpu().numpy()
-        return roi[keep]
+        return np.take(roi, keep, axis=0)
+
+
+def _rank(score: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` entries of ``index`` of highest ``score``, best first; equal scores: lower index first.
+
+    The same as ``index[np.argsort(-score[index], kind="stable")[:n]]`` (NaN scores last), at a fraction of
+    its cost: each candidate gets one unique 64-bit key, its score's rank in the high 32 bits (the float32
+    bits mapped to an unsigned order, descending; -0.0 counted as 0.0, NaN after everything) and its index in
+    the low 32 bits. Unique keys order alike under any sort, so an unstable (vectorised) sort of the keys, or
+    a partition and a sort of the ``n`` smallest, gives exactly the stable order.
+
+    Args:
+        score: ``(S,)`` float32 scores.
+        index: ``(P,)`` int, ascending indices into ``score`` of the candidates (``P < 2**32``).
+        n: the most entries returned; ``<= 0`` means all.
+
+    Returns:
+        ``(min(n, P),)`` intp indices into ``score``, best first.
+    """
+    bits = (score[index] + np.float32(0)).view(np.uint32)  # + 0: -0.0 -> 0.0, as the comparison sees them
+    # Descending unsigned order of the floats: positives (sign bit 0) count down from 0x7FFFFFFF (+0.0),
+    # negatives count up from 0x80000000 by magnitude; NaN (exponent all ones, mantissa not 0) goes last.
+    rank = np.where(bits >> np.uint32(31), bits, np.uint32(0x7FFFFFFF) - bits)
+    rank[(bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)] = np.uint32(0xFFFFFFFF)
+    key = (rank.astype(np.uint64) << np.uint64(32)) | index.astype(np.uint64)  # (P,) unique
+    if 0 < n < len(key):
+        key = np.partition(key, n - 1)[:n]  # the n smallest keys, in any order
+    key.sort()
+    return (key & np.uint64(0xFFFFFFFF)).astype(np.intp)
 
 
 def _to_numpy(x) -> np.ndarray:

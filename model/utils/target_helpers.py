@@ -73,8 +73,11 @@ def match_to_gt(bbox: np.ndarray, gt_bbox: np.ndarray) -> Match:
     iou = bbox_iou(bbox, gt_bbox)  # (N, G)
     gt_index = iou.argmax(axis=1)
     max_iou = iou[np.arange(n), gt_index]
-    gt_max_iou = iou.max(axis=0)  # (G,)
-    is_gt_best = ((iou == gt_max_iou) & (gt_max_iou > 0)).any(axis=1)
+    # Per ground truth along contiguous rows: numpy reduces the short axis G of (N, G) slowly.
+    iou_t = np.ascontiguousarray(iou.T)  # (N, G) -> (G, N)
+    gt_max_iou = iou_t.max(axis=1)  # (G,)
+    overlapped = gt_max_iou > 0
+    is_gt_best = (iou_t[overlapped] == gt_max_iou[overlapped, None]).any(axis=0)
     return Match(gt_index, max_iou, is_gt_best)
 
 
@@ -123,7 +126,13 @@ def encode_loc(src_bbox: np.ndarray, dst_bbox: np.ndarray, mean=(0.0, 0.0, 0.0, 
         ``(N, 4)`` float32 ``(t_y, t_x, t_h, t_w)``.
     """
     loc = bbox2loc(src_bbox, dst_bbox)
-    loc = (loc - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    # Passes that change no bit are skipped: x - (+0.0) and x / 1 are x exactly (not x - (-0.0): -0.0 - -0.0
+    # is +0.0).
+    if not _is_positive_zero(mean):
+        loc = loc - mean
+    if (std != 1).any():
+        loc = loc / std
     return loc.astype(np.float32, copy=False)
 
 
@@ -139,5 +148,15 @@ def decode_loc(src_bbox: np.ndarray, loc: np.ndarray, mean=(0.0, 0.0, 0.0, 0.0),
     Returns:
         ``(N, 4)`` boxes ``(y_min, x_min, y_max, x_max)`` in ``loc``'s dtype.
     """
-    loc = loc * np.asarray(std, loc.dtype) + np.asarray(mean, loc.dtype)
+    mean, std = np.asarray(mean, loc.dtype), np.asarray(std, loc.dtype)
+    if (std != 1).any():  # x * 1 is x exactly
+        loc = loc * std
+    # A +0.0 mean is added as one scalar: the same sums (-0.0 + 0.0 is +0.0 either way), without numpy's slow
+    # (N, 4) + (4,) broadcast.
+    loc = loc + (loc.dtype.type(0) if _is_positive_zero(mean) else mean)
     return loc2bbox(src_bbox, loc)
+
+
+def _is_positive_zero(value: np.ndarray) -> bool:
+    """Whether every element is +0.0 (not -0.0)."""
+    return not (value.any() or np.signbit(value).any())
