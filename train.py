@@ -48,7 +48,7 @@ from data.check import check_splits
 from data.dataset import Dataset, TestDataset, collate_train, normalize_of
 from data.sampler import aspect_ratio_groups
 from data.util import DataError
-from model import FasterRCNN, FasterRCNNVGG16
+from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16
 from model.faster_rcnn_toy import FasterRCNNToy
 from model.utils.pretrained import PretrainedWeightsError
 from trainer import FasterRCNNTrainer, NonFiniteLossError
@@ -65,9 +65,10 @@ __all__ = ["build_model", "evaluates_after", "train", "eval_checkpoint", "main"]
 def build_model(cfg: Config, n_fg_class: int) -> FasterRCNN:
     """The model that ``cfg`` describes, with ``n_fg_class`` foreground classes, on the CPU.
 
-    VGG16 starts from torchvision's ImageNet weights, or from the converted caffe weights at
-    ``caffe_pretrain_path`` with ``caffe_pretrain`` (and caffe normalisation); not when ``load_path`` will
-    replace every weight anyway. The toy backbone starts from scratch.
+    VGG16 and the ResNets start from torchvision's ImageNet weights (or the file ``backbone_weights``), VGG16
+    from the converted caffe weights at ``caffe_pretrain_path`` with ``caffe_pretrain`` (and caffe
+    normalisation); none when ``load_path`` will replace every weight anyway. The toy backbone starts from
+    scratch.
     """
     common = {
         "n_fg_class": n_fg_class,
@@ -89,8 +90,12 @@ def build_model(cfg: Config, n_fg_class: int) -> FasterRCNN:
         return FasterRCNNToy(**common)
     if cfg.load_path:
         pretrained = None
+    elif cfg.caffe_pretrain:
+        pretrained = cfg.caffe_pretrain_path
     else:
-        pretrained = cfg.caffe_pretrain_path if cfg.caffe_pretrain else "torchvision"
+        pretrained = cfg.backbone_weights or "torchvision"
+    if cfg.backbone in ("resnet50", "resnet101"):
+        return FasterRCNNResNet(depth=int(cfg.backbone[len("resnet"):]), pretrained=pretrained, **common)
     return FasterRCNNVGG16(pretrained=pretrained, use_drop=cfg.use_drop, **common)
 
 

@@ -449,3 +449,20 @@ def test_predict_cuda_matches_cpu(model):
         model.to("cpu")
     np.testing.assert_allclose(got[2][0], expected[2][0], atol=1e-3)
     np.testing.assert_allclose(got[0][0], expected[0][0], atol=0.5)
+
+
+def test_train_py_builds_the_resnet_of_its_options(resnet50_file):
+    """``--backbone=resnet50`` with ``--backbone-weights`` (the offline path) builds the C4 model from that file,
+    with the run's anchors and proposal counts; ``--caffe-pretrain`` (VGG16's caffe weights) is refused."""
+    from train import build_model
+    from utils.config import Config, ConfigError
+
+    path, state = resnet50_file
+    cfg = Config.parse({"backbone": "resnet50", "backbone_weights": str(path), "n_test_post_nms": 77,
+                        "min_size": 128, "max_size": 160})
+    model = build_model(cfg, n_fg_class=3)
+    assert isinstance(model, FasterRCNNResNet) and model.arch["name"] == "resnet50"
+    assert model.arch["proposal_creator_params"]["n_test_post_nms"] == 77 and model.normalize == "torchvision"
+    assert torch.equal(model.extractor[0].weight, state["conv1.weight"])
+    with pytest.raises(ConfigError, match="--caffe-pretrain .* needs --backbone=vgg16"):
+        Config.parse({"backbone": "resnet101", "caffe_pretrain": True})

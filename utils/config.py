@@ -97,8 +97,11 @@ class Config:
                                            "stopping with a report")
 
     # --- model ------------------------------------------------------------------------------------------
-    backbone: str = option("vgg16", "feature extractor: 'vgg16' (the original) or 'toy' (small, for CPUs)",
-                           choices=("vgg16", "toy"))
+    backbone: str = option("vgg16", "feature extractor: 'vgg16' (the original), 'resnet50' or 'resnet101' "
+                                    "(C4 layout), or 'toy' (small, for CPUs)",
+                           choices=("vgg16", "resnet50", "resnet101", "toy"))
+    backbone_weights: str | None = option(None, "torchvision-layout ImageNet weights file of the backbone "
+                                                "(None: torchvision's, downloaded on first use)", path=True)
     ratios: tuple[float, ...] = option((0.5, 1.0, 2.0), "anchor aspect ratios (height / width)")
     anchor_scales: tuple[float, ...] = option((8.0, 16.0, 32.0),
                                               "anchor sizes in units of the 16-pixel base anchor")
@@ -296,6 +299,9 @@ class Config:
         if not (self.ratios and self.anchor_scales and min(self.ratios + self.anchor_scales) > 0):
             raise ConfigError(f"options --ratios and --anchor-scales need positive values, got "
                               f"{self.ratios} and {self.anchor_scales}")
+        if self.caffe_pretrain and self.backbone != "vgg16":
+            raise ConfigError(f"option --caffe-pretrain loads caffe VGG16 weights: it needs "
+                              f"--backbone=vgg16, not {self.backbone!r}")
         if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", self.device):
             raise ConfigError(f"option --device must be 'auto', 'cpu', 'cuda' or 'cuda:N', "
                               f"got {self.device!r}")

@@ -13,6 +13,7 @@ import torch
 
 from model.utils.nms import non_maximum_suppression
 from model.utils.target_helpers import check_boxes, decode_loc
+from utils.array_tool import tonumpy
 
 __all__ = ["ProposalCreator"]
 
@@ -70,7 +71,7 @@ class ProposalCreator:
                                  else (self.n_test_pre_nms, self.n_test_post_nms))
         device = loc.device if isinstance(loc, torch.Tensor) and loc.is_cuda else None
         # The CPU island: one crossing each for the offsets and the scores.
-        loc, score = _to_numpy(loc), _to_numpy(score).reshape(-1)
+        loc, score = tonumpy(loc, np.float32), tonumpy(score, np.float32).reshape(-1)
         anchor = check_boxes(anchor, "anchor")
         if not len(loc) == len(score) == len(anchor):
             raise ValueError(f"loc, score and anchor must have one row per anchor, got {len(loc)}, "
@@ -125,10 +126,3 @@ def _rank(score: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
         key = np.partition(key, n - 1)[:n]  # the n smallest keys, in any order
     key.sort()
     return (key & np.uint64(0xFFFFFFFF)).astype(np.intp)
-
-
-def _to_numpy(x) -> np.ndarray:
-    """A numpy array or a torch tensor (any device and dtype, grad or not) as a float32 numpy array."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device="cpu", dtype=torch.float32).numpy()
-    return np.asarray(x, dtype=np.float32)
