@@ -452,8 +452,9 @@ def test_predict_cuda_matches_cpu(model):
 
 
 def test_train_py_builds_the_resnet_of_its_options(resnet50_file):
-    """``--backbone=resnet50`` with ``--backbone-weights`` (the offline path) builds the C4 model from that file,
-    with the run's anchors and proposal counts; ``--caffe-pretrain`` (VGG16's caffe weights) is refused."""
+    """``--backbone=resnet50`` with ``--backbone-weights`` (the offline path) builds the C4 model from that
+    file, with the run's anchors and proposal counts; ``--caffe-pretrain`` (VGG16's caffe weights) is
+    refused."""
     from train import build_model
     from utils.config import Config, ConfigError
 
