@@ -45,8 +45,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.check import check_splits
-from data.dataset import Dataset, TestDataset, collate_train, normalize_of
-from data.sampler import aspect_ratio_groups
+from data.dataset import Dataset, TestDataset, collate_train, image_rng, normalize_of
+from data.sampler import aspect_ratio_groups, shard
 from data.util import DataError
 from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16
 from model.faster_rcnn_toy import FasterRCNNToy
@@ -54,9 +54,19 @@ from model.utils.pretrained import PretrainedWeightsError
 from trainer import FasterRCNNTrainer, NonFiniteLossError
 from utils.checkpoint import CheckpointError
 from utils.config import Config, ConfigError
+from utils.distributed import (
+    barrier,
+    broadcast_object,
+    cleanup,
+    describe_failure,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
 from utils.evaluation import ap_table, evaluate, evaluate_checkpoint, test_loader
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
-from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, run_dir
+from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, restart_checkpoint, run_dir
 from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
 
 __all__ = ["build_model", "evaluates_after", "train", "eval_checkpoint", "main"]
@@ -107,32 +117,52 @@ def seed_everything(seed: int | None) -> None:
         torch.manual_seed(seed)
 
 
-def train_one_epoch(run: TrainingRun, cfg: Config, stop: StopSignals) -> None:
-    """Train the rest of the current epoch (``run.state.batches`` from ``run.state.position``); plot every
-    ``plot_every`` steps; stop safely between steps on a signal."""
+def train_one_epoch(run: TrainingRun, cfg: Config, stop: StopSignals, per_image_draws: bool = False) -> None:
+    """Train the rest of the current epoch (``run.state.batches`` from ``run.state.position``; under
+    torchrun this process's share of each); plot every ``plot_every`` steps; stop safely between steps on a
+    signal (every process at the same step).
+
+    ``per_image_draws``: each image's target creators draw from ``data.dataset.image_rng`` (seeded runs of
+    several images per step), not from the trainer's one stream.
+    """
     trainer, state, vis = run.trainer, run.state, run.vis
     trainer.reset_meters()
-    remaining = state.batches[state.position:]
+    remaining = shard(state.batches[state.position:], get_rank(), get_world_size())
     loader = DataLoader(run.dataset, batch_sampler=remaining, num_workers=cfg.num_workers,
                         collate_fn=functools.partial(collate_train, multiple=trainer.faster_rcnn.feat_stride),
                         worker_init_fn=ignore_stop_signals)
     bar = tqdm(loader, desc=f"epoch {state.epoch}/{cfg.epoch}", initial=state.position,
-               total=len(state.batches), dynamic_ncols=True)
+               total=len(state.batches), dynamic_ncols=True, disable=not is_main_process())
     for batch, (imgs, bboxes, labels, scales, sizes) in zip(remaining, bar, strict=True):
+        rngs = [image_rng(cfg.seed, state.epoch, i, "creators") for i in batch] if per_image_draws else None
         try:
-            trainer.train_step(imgs, bboxes, labels, scales, sizes)
+            trainer.train_step(imgs, bboxes, labels, scales, sizes, rngs)
         except NonFiniteLossError as e:
             raise NonFiniteLossError(_non_finite_message(e, run, batch)) from None
         run.saved = False
         state.position += 1
         state.iteration += 1
+        _test_crash(state.iteration)
         if state.iteration % cfg.plot_every == 0:
             vis.plot_many({**trainer.get_meter_data(), "lr": trainer.lr}, step=state.iteration)
             height, width = sizes[0]
             plot_training_pictures(vis, trainer, imgs[0, :, :height, :width], bboxes[0], labels[0])
         if state.iteration % 10 == 0:
             bar.set_postfix(loss=f"{trainer.meters['total_loss'].value():.3f}")
-        stop.check()
+        stop.check(every_process=True)
+
+
+# Test-only: "RANK:ITERATION" makes that process die (exit status 3) after that iteration, in the first
+# attempt of a torchrun job (tests/test_distributed.py: --max-restarts resumes from last.pth). Unset in use.
+CRASH_ENV = "SIMPLE_FASTER_RCNN_TEST_CRASH"
+
+
+def _test_crash(iteration: int) -> None:
+    crash = os.environ.get(CRASH_ENV)
+    if crash and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        rank, at = (int(v) for v in crash.split(":"))
+        if rank == get_rank() and at == iteration:
+            os._exit(3)
 
 
 def _non_finite_message(error: NonFiniteLossError, run: TrainingRun, batch: list[int]) -> str:
@@ -153,7 +183,9 @@ def evaluates_after(epoch: int, cfg: Config) -> bool:
 
 
 def train(**kwargs) -> float | None:
-    """Train as configured by ``kwargs`` (options of ``utils/config.py``); returns the best test mAP.
+    """Train as configured by ``kwargs`` (options of ``utils/config.py``); returns the best test mAP (COCO AP
+    for COCO data). Under torchrun, every process runs this with the same options (see the module
+    docstring).
 
     Raises:
         utils.config.ConfigError, FileNotFoundError, utils.checkpoint.CheckpointError: bad options, a
@@ -162,82 +194,130 @@ def train(**kwargs) -> float | None:
         data.check.DataCheckError: bad samples (without ``skip_bad_samples``).
         trainer.NonFiniteLossError: a NaN or infinite loss (see the module docstring).
         utils.interrupt.StopRequested: SIGINT or SIGTERM; ``last.pth`` was written first.
+        DistributedError: under torchrun, another process stopped answering.
     """
     cfg = Config.parse(kwargs)
-    print(cfg)
-    device = cfg.torch_device()
-    seed_everything(cfg.seed)
+    device = init_distributed(cfg.torch_device(), cfg.dist_timeout)
+    try:
+        return _train(cfg, device)
+    except RuntimeError as e:
+        if get_world_size() > 1 and _is_collective_failure(e):
+            raise DistributedError(describe_failure(e, cfg.dist_timeout)) from None
+        raise
+    finally:
+        cleanup()
+
+
+def _train(cfg: Config, device: torch.device) -> float | None:
+    rank, world_size, main = get_rank(), get_world_size(), is_main_process()
+    say = print if main else _silent
+    say(cfg)
+    seed_everything(process_seed(cfg.seed, rank))
 
     # data: both splits checked before anything is trained; images of similar aspect ratio batched together
-    dataset = Dataset(cfg)
+    dataset = Dataset(cfg, rank=rank)
     testset = TestDataset(cfg)
-    for report in check_splits([dataset, testset], skip_bad_samples=cfg.skip_bad_samples):
-        print(report.summary())
-    images_per_step = cfg.batch_size
+    for report in check_splits([dataset, testset], skip_bad_samples=cfg.skip_bad_samples, progress=main):
+        say(report.summary())
+    images_per_step = cfg.batch_size * world_size  # in every step, over every process
     groups = aspect_ratio_groups(dataset.image_sizes() if images_per_step > 1 else [(1, 1)] * len(dataset))
+    # seeded runs of several images per step draw each image's flip and samples from its own generator
+    per_image_draws = cfg.seed is not None and images_per_step > 1
     loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
                          pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
-    # model and trainer; the lr of one image per step times the images per step with --scale-lr
+    # model and trainer (rank 0 fetches the ImageNet weights first); the lr of one image per step times the
+    # images per step with --scale-lr
+    if not main:
+        barrier()
     model = build_model(cfg, len(dataset.label_names)).to(device)
+    if main:
+        barrier()
     if device.type == "cpu":
         # oneDNN's convolutions run faster on channels-last maps (bench/train.py, bench/inference.py)
         model.to(memory_format=torch.channels_last)
     lr = cfg.lr * images_per_step if cfg.scale_lr else cfg.lr
     trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names, lr=lr)
 
-    # the run: its folder, dashboard, checkpoints; resumed from --load-path
-    folder = run_dir(cfg.save_dir, cfg.run_name, cfg.load_path, cfg.backbone, cfg.data)
+    # the run: its folder, dashboard, checkpoints; resumed from --load-path (or last.pth after a restart)
+    folder = broadcast_object(run_dir(cfg.save_dir, cfg.run_name, cfg.load_path, cfg.backbone, cfg.data))
+    load_path = cfg.load_path or restart_checkpoint(folder)
     # history.jsonl/curves.png are rewritten at most every 30 s and at the end of each epoch (vis.save):
     # drawing curves.png takes about half a second, 10% of the time at the Visualizer's default of 5 s.
-    vis = Visualizer(env=cfg.env, server=cfg.visdom_server, port=cfg.port, log_dir=folder,
-                     use_visdom=cfg.use_visdom, flush_every=30.0, tensorboard=cfg.tensorboard)
+    vis = Visualizer(env=cfg.env, server=cfg.visdom_server, port=cfg.port, log_dir=folder if main else None,
+                     use_visdom=cfg.use_visdom and main, flush_every=30.0,
+                     tensorboard=cfg.tensorboard if main else False)
     run = TrainingRun(trainer, dataset, vis, RunState(), folder, cfg.lr_decay_epoch, cfg.lr_decay)
-    if cfg.load_path:
-        run.resume(cfg.load_path)
-        print(f"resumed from {cfg.load_path}: {run.state.where()}, lr {trainer.lr:.3g}, "
-              f"best mAP {run.state.best_map}")
+    if load_path:
+        run.resume(load_path)
+        say(f"resumed from {load_path}: {run.state.where()}, lr {trainer.lr:.3g}, best {run.state.best_map}")
+    trainer.distribute()  # under torchrun: gradients averaged over the processes
     vis.text(str(list(dataset.label_names)), win="labels")
 
     state, eval_map, metric = run.state, None, "COCO AP" if testset.metric == "coco" else "mAP"
     with StopSignals() as stop, vis:
         try:
             while state.epoch < cfg.epoch:
-                if state.batches is None:
+                if state.batches is None:  # rank 0's, for unseeded runs
                     order = epoch_order(len(dataset), cfg.seed, state.epoch)
-                    state.batches = epoch_batches(order, groups, cfg.batch_size)
-                train_one_epoch(run, cfg, stop)
+                    state.batches = broadcast_object(epoch_batches(order, groups, cfg.batch_size, world_size))
+                dataset.set_epoch(state.epoch if per_image_draws else None)
+                train_one_epoch(run, cfg, stop, per_image_draws)
                 losses = trainer.get_meter_data()
                 evaluated = evaluates_after(state.epoch, cfg)
                 if evaluated:
-                    result = evaluate(loader, model, testset, amp=cfg.amp, stop=stop)
+                    # one process checks for a stop between test images; several decide together afterwards
+                    local_stop = None if world_size > 1 else stop
+                    result = evaluate(loader, model, testset, amp=cfg.amp, stop=local_stop)
                     eval_map = float(result["map"])
                     plot_evaluation(vis, result, state.iteration)
                     vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, {metric} {eval_map:.4f}, "
                             f"loss {losses}")
-                    print(f"epoch {state.epoch}: test {metric} {eval_map:.4f}, train loss "
-                          f"{losses['total_loss']:.4f}, lr {trainer.lr:.3g}")
+                    say(f"epoch {state.epoch}: test {metric} {eval_map:.4f}, train loss "
+                        f"{losses['total_loss']:.4f}, lr {trainer.lr:.3g}")
                 else:
                     vis.log(f"epoch {state.epoch}: lr {trainer.lr:.3g}, not evaluated, loss {losses}")
-                    print(f"epoch {state.epoch}: train loss {losses['total_loss']:.4f}, lr {trainer.lr:.3g} "
-                          f"(evaluated every {cfg.eval_every} epochs)")
+                    say(f"epoch {state.epoch}: train loss {losses['total_loss']:.4f}, lr {trainer.lr:.3g} "
+                        f"(evaluated every {cfg.eval_every} epochs)")
                 with stop.critical():
                     run.end_of_epoch(eval_map if evaluated else None)
-                stop.check()
+                stop.check(every_process=True)
         except StopRequested:
             with stop.critical():
                 if not run.saved:
                     run.save("last")
                 vis.save()
-            print(f"stopped at {state.where()}; saved {run.paths['last']}. Resume with the same options and "
-                  f"--load-path={run.paths['last']}")
+            say(f"stopped at {state.where()}; saved {run.paths['last']}. Resume with the same options and "
+                f"--load-path={run.paths['last']}")
             raise
 
     if eval_map is not None:
-        print(f"final test {metric}: {eval_map:.4f}")
-    print(f"best test {metric}: {state.best_map}, checkpoint: {run.paths['best']} "
-          f"(resume from {run.paths['last']})")
+        say(f"final test {metric}: {eval_map:.4f}")
+    say(f"best test {metric}: {state.best_map}, checkpoint: {run.paths['best']} "
+        f"(resume from {run.paths['last']})")
     return state.best_map
+
+
+class DistributedError(RuntimeError):
+    """Under torchrun, a collective operation failed: another process died or hangs (the message names the
+    ranks that fell behind)."""
+
+
+def _is_collective_failure(error: RuntimeError) -> bool:
+    words = ("gloo", "NCCL", "Timed out", "timed out", "Connection closed", "Connection reset")
+    return isinstance(error, torch.distributed.DistError) or any(word in str(error) for word in words)
+
+
+def process_seed(seed: int | None, rank: int) -> int | None:
+    """The seed of this process's global generators (Python, numpy, torch): ``seed`` on rank 0, one derived
+    from ``(seed, rank)`` on the others (``None`` stays unseeded)."""
+    if seed is None or rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def _silent(*args, **kwargs) -> None:
+    """What ``print`` is on the processes other than rank 0."""
 
 
 def eval_checkpoint(**kwargs) -> float:
@@ -251,9 +331,10 @@ def eval_checkpoint(**kwargs) -> float:
         raise ConfigError("eval needs --load-path=CHECKPOINT")
     result, class_names, n_images = evaluate_checkpoint(load_path, kwargs)
     eval_map = float(result["map"])
-    print(ap_table(result, class_names))
-    name = "COCO AP" if result["metric"] == "coco" else "mAP"
-    print(f"{name}: {eval_map:.4f} ({n_images} test images, checkpoint {load_path})")
+    if is_main_process():  # after evaluate_checkpoint, torchrun's ranks are told apart by the environment
+        print(ap_table(result, class_names))
+        name = "COCO AP" if result["metric"] == "coco" else "mAP"
+        print(f"{name}: {eval_map:.4f} ({n_images} test images, checkpoint {load_path})")
     if result.get("results_path"):
         print(f"detections in COCO's results format: {result['results_path']}")
     return eval_map
@@ -268,7 +349,7 @@ commands:
 # Errors about what the command line names or the machine lacks (exit status 2), and failures of a run
 # (exit status 1).
 USAGE_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, PretrainedWeightsError)
-RUN_ERRORS = (DataError, NonFiniteLossError)
+RUN_ERRORS = (DataError, NonFiniteLossError, DistributedError)
 
 
 def _command_help(command: str) -> str:

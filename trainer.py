@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from model import arch_of
 from model.region_proposal_network import per_image
@@ -35,6 +36,7 @@ from utils.checkpoint import (
     save_checkpoint,
     to_plain,
 )
+from utils.distributed import ddp_progress_hook, gather_flags, get_world_size
 
 __all__ = [
     "AverageValueMeter",
@@ -446,7 +448,11 @@ class FasterRCNNTrainer(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.forward(imgs, bboxes, labels, scale, sizes, rngs)
         values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for all five
-        check_losses(values)
+        # under torchrun every process learns whether any loss of the step is non-finite, before backward
+        bad = gather_flags(not all(math.isfinite(v) for v in values), self.device)
+        if any(bad):
+            check_losses(values)  # raises on the process that has one
+            raise NonFiniteLossError(f"non-finite loss on rank(s) {[r for r, b in enumerate(bad) if b]}")
         self.scaler.scale(losses.total_loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -470,6 +476,15 @@ class FasterRCNNTrainer(nn.Module):
     def lr(self) -> float:
         """The base lr (the weight group's; biases get twice this)."""
         return self.optimizer.param_groups[0]["lr"]
+
+    def distribute(self) -> None:
+        """Under torchrun, average the gradients of every process in the backward pass: the losses run
+        through ``DistributedDataParallel`` (which also gives every process rank 0's weights now). A no-op
+        in a single process."""
+        if get_world_size() > 1 and self.loss_fn is self.loss:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.loss_fn = DistributedDataParallel(self.loss, device_ids=device_ids)
+            self.loss_fn.register_comm_hook(None, ddp_progress_hook)  # the default all-reduce, counted
 
     def update_meters(self, values) -> None:
         """Add one step's five loss values (floats, ``LossTuple`` order) to the meters."""

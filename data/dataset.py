@@ -23,7 +23,7 @@ from data.util import flip_bbox, random_flip, read_image_size, resize_bbox, resi
 from data.voc_dataset import VOC_BBOX_LABEL_NAMES, VOCBboxDataset
 
 __all__ = ["preprocess", "inverse_normalize", "normalize_of", "resized_size", "Transform", "Dataset",
-           "TestDataset", "pad_images", "collate_train", "collate_test"]
+           "TestDataset", "pad_images", "collate_train", "collate_test", "image_rng"]
 
 _TORCHVISION_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)  # RGB
 _TORCHVISION_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)  # RGB
@@ -136,6 +136,17 @@ class Transform:
         return img, bbox, label, scale
 
 
+_STREAMS = {"flip": 0, "creators": 1}
+
+
+def image_rng(seed: int, epoch: int, index: int, stream: str) -> np.random.Generator:
+    """The generator of one image's random draws in one epoch: its flip (``stream='flip'``) or its target
+    creators' samples (``'creators'``), seeded by ``(seed, epoch, index, stream)``: the draws of an image do
+    not depend on the batch or the process it is trained in (K processes with B images each train as one
+    process with K x B)."""
+    return np.random.default_rng([seed, epoch, index, _STREAMS[stream]])
+
+
 def normalize_of(opt) -> str:
     """The input normalisation that ``opt`` selects: ``'caffe'`` with ``caffe_pretrain``, else
     ``'torchvision'``."""
@@ -240,7 +251,10 @@ class Dataset(_VOCSplit):
             ``None`` or missing: unseeded) and ``coco_skip_empty``.
         rank: the process under torchrun; process ``r > 0`` draws its flips from ``(seed, r)``.
 
-    Flips come from a ``numpy.random.Generator`` seeded with ``opt.seed``; in the main process
+    Flips come from a ``numpy.random.Generator`` seeded with ``opt.seed``. After :meth:`set_epoch` (seeded
+    runs of several images per step), each image's flip comes from its own generator
+    (:func:`image_rng` of the seed, the epoch and the image), so it does not depend on which process or batch
+    the image is in. Otherwise the flips are one stream of draws, the original's: in the main process
     (``num_workers=0``) the sequence of flips is reproducible. In a DataLoader worker the generator is
     re-seeded from ``(opt.seed, worker seed)``, the worker seed being the one torch gives each worker
     (different per worker and per epoch, reproducible under ``torch.manual_seed``), so workers do not
@@ -252,10 +266,18 @@ class Dataset(_VOCSplit):
         self.seed = getattr(opt, "seed", None)
         entropy = self.seed if rank == 0 or self.seed is None else [self.seed, rank]
         self.tsf = Transform(opt.min_size, opt.max_size, normalize_of(opt), np.random.default_rng(entropy))
+        self.epoch = None
         self._worker_seed = None
         self._worker_rng = None
 
-    def _flip_rng(self) -> np.random.Generator:
+    def set_epoch(self, epoch: int | None) -> None:
+        """Draw each image's flip from :func:`image_rng` ``(seed, epoch, index)`` (``None``, or an unseeded
+        data set: the stream of draws)."""
+        self.epoch = epoch
+
+    def _flip_rng(self, idx: int) -> np.random.Generator:
+        if self.epoch is not None and self.seed is not None:
+            return image_rng(self.seed, self.epoch, idx, "flip")
         info = torch.utils.data.get_worker_info()
         if info is None:
             return self.tsf.rng
@@ -276,7 +298,7 @@ class Dataset(_VOCSplit):
 
     def __getitem__(self, idx: int):
         ori_img, bbox, label, _ = self.db.get_example(idx)
-        img, bbox, label, scale = self.tsf((ori_img, bbox, label), rng=self._flip_rng())
+        img, bbox, label, scale = self.tsf((ori_img, bbox, label), rng=self._flip_rng(idx))
         return np.ascontiguousarray(img), np.ascontiguousarray(bbox), label.copy(), scale
 
 

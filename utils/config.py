@@ -138,7 +138,10 @@ class Config:
     rpn_sigma: float = option(3.0, "sigma of the RPN's smooth L1 localisation loss")
     roi_sigma: float = option(1.0, "sigma of the RoI head's smooth L1 localisation loss")
     seed: int | None = option(None, "seed of every random generator (None: a different run each time)")
-    device: str = option("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    device: str = option("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (under "
+                                 "torchrun: one GPU per process, cuda:LOCAL_RANK)")
+    dist_timeout: float = option(1800.0, "under torchrun: seconds a process waits for the others before the "
+                                         "job fails, naming the ranks that stopped answering")
     test_num: int = option(10000, "evaluate each epoch on at most this many test images")
     eval_every: int = option(1, "evaluate every eval_every epochs (and always after the lr-decay epoch and "
                                 "the last one)")
@@ -278,7 +281,7 @@ class Config:
     def _check(self) -> None:
         """Range checks that a type alone cannot express (choices are checked by ``_convert``)."""
         positive = ("min_size", "max_size", "lr", "lr_decay", "test_num", "eval_every", "plot_every",
-                    "batch_size", "test_batch_size",
+                    "batch_size", "test_batch_size", "dist_timeout",
                     "rpn_sigma", "roi_sigma", "n_train_pre_nms", "n_train_post_nms", "n_test_pre_nms",
                     "n_test_post_nms")
         for name in positive:

@@ -7,9 +7,9 @@ metric: VOC07 11-point mAP (``utils/eval_tool.py``, the devkit's numbers) for VO
 prints a result; :func:`evaluate_checkpoint` is the whole of ``python train.py eval``: the model, its class
 names, sizes and normalisation from a checkpoint, the test split from the options.
 
-Under torchrun each process detects its share of the test images (:func:`test_loader`'s ``indices``) and
-:func:`score` is given the detections of all of them (``utils.distributed``); the detections of an image do
-not depend on the batch it was in (``FasterRCNN.predict``), so the score is that of one process.
+Under torchrun each process detects its share of the test images (:func:`test_loader`) and :func:`score` is
+given the detections of all of them (``utils.distributed``); the detections of an image do not depend on the
+batch it was in (``FasterRCNN.predict``), so the score is that of one process.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ from tqdm import tqdm
 from data.dataset import collate_test
 from data.sampler import size_batches
 from utils.amp import autocast
+from utils.distributed import (
+    all_gather_objects,
+    broadcast_object,
+    cleanup,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+)
 from utils.eval_tool import eval_detection_voc
 
 __all__ = ["Detections", "ap_table", "detect", "evaluate", "evaluate_checkpoint", "score", "test_loader"]
@@ -50,18 +59,13 @@ class Detections:
 
 
 def test_loader(testset, test_num: int = 10000, batch_size: int = 1, num_workers: int = 0,
-                pin_memory: bool = False, indices=None, worker_init_fn=None) -> DataLoader:
-    """A loader of the first ``test_num`` items of ``testset`` (a ``data.dataset.TestDataset``), in batches
-    of at most ``batch_size`` images of one preprocessed size (``data.sampler.size_batches``).
-
-    Args:
-        indices: the items to load (e.g. one process's share); ``None``: ``range(min(test_num, len))``.
-    """
-    if indices is None:
-        indices = range(min(test_num, len(testset)))
-    indices = list(indices)
-    sizes = testset.input_sizes()
-    batches = [[indices[k] for k in batch] for batch in size_batches([sizes[i] for i in indices], batch_size)]
+                pin_memory: bool = False, worker_init_fn=None) -> DataLoader:
+    """A loader of this process's share of the first ``test_num`` items of ``testset`` (a
+    ``data.dataset.TestDataset``), in batches of at most ``batch_size`` images of one preprocessed size
+    (``data.sampler.size_batches``); under torchrun, process ``r`` of ``K`` takes every ``K``-th batch from
+    the ``r``-th (all of them in a single process)."""
+    sizes = testset.input_sizes()[:min(test_num, len(testset))]
+    batches = size_batches(sizes, batch_size)[get_rank()::get_world_size()]
     return DataLoader(testset, batch_sampler=batches, collate_fn=collate_test, num_workers=num_workers,
                       pin_memory=pin_memory, worker_init_fn=worker_init_fn)
 
@@ -127,8 +131,16 @@ def score(detections: list[Detections], testset) -> dict:
 
 def evaluate(loader: DataLoader, faster_rcnn, testset=None, amp: bool = False, progress: bool = True,
              stop=None) -> dict:
-    """:func:`detect` then :func:`score` (``testset``: the loader's data set by default)."""
-    return score(detect(loader, faster_rcnn, amp, progress, stop), testset or loader.dataset)
+    """:func:`detect` then :func:`score` (``testset``: the loader's data set by default).
+
+    Under torchrun every process detects its share (:func:`test_loader`), rank 0 scores the detections of
+    all and every process gets the result (without COCO's ``'results'`` list, which rank 0 alone keeps).
+    """
+    found = detect(loader, faster_rcnn, amp, progress and is_main_process(), stop)
+    found = [d for share in all_gather_objects(found) for d in share]
+    result = score(found, testset or loader.dataset) if is_main_process() else None
+    shared = broadcast_object(None if result is None else {k: v for k, v in result.items() if k != "results"})
+    return result if result is not None else shared
 
 
 def ap_table(result: dict, class_names) -> str:
@@ -151,7 +163,8 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
 
     The model, its class names, input sizes, normalisation and proposal settings come from the checkpoint;
     ``options`` (``--voc-data-dir``, ``--test-num``, ``--device``...) override the checkpoint's training
-    options for the data.
+    options for the data. Under torchrun the processes share the test images and every one returns the
+    result.
 
     With ``--results=PATH`` (COCO data), the detections are also written to ``PATH`` in COCO's results
     format (detectron2's ``coco_instances_results.json``), and ``result['results_path']`` names it.
@@ -176,19 +189,23 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
     from_checkpoint = {"label_names": ckpt["class_names"], "min_size": arch["min_size"],
                        "max_size": arch["max_size"], "caffe_pretrain": arch["normalize"] == "caffe"}
     cfg = Config.parse({**from_checkpoint, **options}, base=checkpoint_config(ckpt))
-    device = cfg.torch_device()
-    model = model_from_checkpoint(ckpt, load_path).to(device)
-    testset = TestDataset(cfg)
-    if cfg.results and testset.metric != "coco":
-        raise ConfigError(f"--results writes COCO's results format, for COCO data (--data=coco or "
-                          f"--data=toy-coco); this checkpoint evaluates on --data={cfg.data}")
-    (report,) = check_splits([testset], skip_bad_samples=cfg.skip_bad_samples)
-    print(report.summary())
-    loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
-                         pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
-    result = evaluate(loader, model, testset, amp=cfg.amp)
-    if cfg.results:
-        from utils.coco_eval import write_coco_results
+    device = init_distributed(cfg.torch_device(), cfg.dist_timeout)  # torchrun: each process a share
+    try:
+        model = model_from_checkpoint(ckpt, load_path).to(device)
+        testset = TestDataset(cfg)
+        if cfg.results and testset.metric != "coco":
+            raise ConfigError(f"--results writes COCO's results format, for COCO data (--data=coco or "
+                              f"--data=toy-coco); this checkpoint evaluates on --data={cfg.data}")
+        (report,) = check_splits([testset], skip_bad_samples=cfg.skip_bad_samples, progress=is_main_process())
+        if is_main_process():
+            print(report.summary())
+        loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
+                             pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
+        result = evaluate(loader, model, testset, amp=cfg.amp)
+        if cfg.results and is_main_process():
+            from utils.coco_eval import write_coco_results
 
-        result["results_path"] = write_coco_results(cfg.results, result["results"])
+            result["results_path"] = write_coco_results(cfg.results, result["results"])
+    finally:
+        cleanup()
     return result, list(testset.label_names), min(cfg.test_num, len(testset))

@@ -70,9 +70,21 @@ class StopSignals:
         """Whether a stop signal came."""
         return self.signum is not None
 
-    def check(self) -> None:
-        """Raise :class:`StopRequested` if a stop signal came."""
-        if self.signum is not None:
+    def check(self, every_process: bool = False) -> None:
+        """Raise :class:`StopRequested` if a stop signal came.
+
+        Args:
+            every_process: under torchrun, decide together (``utils.distributed.gather_flags``, a collective:
+                every process must call it at the same point): all stop when any got a signal, so that they
+                save and leave at the same step (a signal reaches the processes at slightly different
+                times).
+        """
+        if every_process:
+            from utils.distributed import gather_flags
+
+            if any(gather_flags(self.requested)):
+                raise StopRequested(self.signum or signal.SIGTERM)
+        elif self.signum is not None:
             raise StopRequested(self.signum)
 
     @contextlib.contextmanager

@@ -20,9 +20,11 @@ import torch
 from torch.utils.data import RandomSampler
 
 from data.sampler import group_batches, pad_batches
+from utils.distributed import all_gather_objects, barrier, get_rank, get_world_size, is_main_process
 from utils.files import remove_stale_temp_files
 
-__all__ = ["RunState", "TrainingRun", "epoch_batches", "epoch_order", "rng_state", "run_dir", "set_rng_state"]
+__all__ = ["RunState", "TrainingRun", "epoch_batches", "epoch_order", "restart_checkpoint", "rng_state",
+           "run_dir", "set_rng_state"]
 
 
 @dataclasses.dataclass
@@ -88,14 +90,28 @@ class RunState:
 
 def run_dir(save_dir: str, run_name: str, load_path: str | None, backbone: str, data: str) -> str:
     """The run folder: ``save_dir/run_name`` when a name is given; when resuming from a checkpoint inside
-    ``save_dir``, that checkpoint's folder; otherwise a new ``save_dir/<backbone>_<data>_<date-time>``."""
+    ``save_dir``, that checkpoint's folder; otherwise a new ``save_dir/<backbone>_<data>_<date-time>``, or
+    ``<backbone>_<data>_<run id>`` under torchrun with a rendezvous id (``--rdzv-id``, or ``--standalone``'s),
+    which a restarted job (``--max-restarts``) finds again. Under torchrun rank 0 decides and the others take
+    its folder (``utils.distributed.broadcast_object``)."""
     if run_name:
         return os.path.join(save_dir, run_name)
     if load_path:
         folder = os.path.dirname(os.path.abspath(load_path))
         if os.path.dirname(folder) == os.path.abspath(save_dir):
             return folder
-    return os.path.join(save_dir, f"{backbone}_{data}_{time.strftime('%Y%m%d-%H%M%S')}")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    suffix = run_id if run_id != "none" else time.strftime("%Y%m%d-%H%M%S")
+    return os.path.join(save_dir, f"{backbone}_{data}_{suffix}")
+
+
+def restart_checkpoint(folder: str) -> str | None:
+    """The checkpoint a job restarted by torchrun (``--max-restarts``) continues from: the run folder's
+    ``last.pth`` when this is a restart (``TORCHELASTIC_RESTART_COUNT > 0``) and the file exists."""
+    path = os.path.join(folder, "last.pth")
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.isfile(path):
+        return path
+    return None
 
 
 def epoch_order(n_samples: int, seed: int | None, epoch: int) -> list[int]:
@@ -116,8 +132,9 @@ def epoch_batches(order: list[int], groups, batch_size: int, world_size: int = 1
 
 
 def rng_state(trainer, dataset) -> dict:
-    """The random generators a resumed run must continue: the target creators' (the trainer's), the flips'
-    (the training set's, in the main process) and torch's; plain values and a tensor."""
+    """The random generators this process must continue when resumed: the target creators' (the
+    trainer's), the flips' (the training set's, in the main process) and torch's; plain values and a
+    tensor."""
     return {"creators": trainer.rng_state(), "flips": dataset.rng_state(), "torch": torch.get_rng_state()}
 
 
@@ -132,6 +149,10 @@ def set_rng_state(rng: dict | None, trainer, dataset) -> None:
 
 class TrainingRun:
     """The checkpoints of one run and the decisions at the end of an epoch: best checkpoint, lr decay.
+
+    Under torchrun every process holds a ``TrainingRun`` and calls the same methods at the same points; rank
+    0 alone writes the files (the run folder must be on storage every machine sees, where the others read
+    ``best.pth`` back at the lr decay), with every process's random generators in the checkpoint.
 
     Args:
         trainer: a ``trainer.FasterRCNNTrainer``.
@@ -149,7 +170,8 @@ class TrainingRun:
         self.lr_decay_epoch, self.lr_decay = lr_decay_epoch, lr_decay
         self.paths = {"best": os.path.join(folder, "best.pth"), "last": os.path.join(folder, "last.pth")}
         self.saved = False  # whether last.pth holds the current state
-        remove_stale_temp_files(folder)
+        if is_main_process():
+            remove_stale_temp_files(folder)
 
     def resume(self, path: str) -> dict:
         """Load the checkpoint at ``path`` into the trainer and this run (state, random generators); apply
@@ -157,7 +179,11 @@ class TrainingRun:
         ckpt = self.trainer.load(path)
         info = ckpt["other_info"]
         self.state = RunState.from_other_info(info, len(self.dataset), self.lr_decay_epoch)
-        set_rng_state(info.get("rng"), self.trainer, self.dataset)
+        ranks = info.get("rng_ranks")  # every process's, under torchrun
+        if ranks is not None and len(ranks) == get_world_size():
+            set_rng_state(ranks[get_rank()], self.trainer, self.dataset)
+        elif get_rank() == 0:
+            set_rng_state(info.get("rng"), self.trainer, self.dataset)
         if ckpt.get("vis_info") is not None:
             self.vis.load_state_dict(ckpt["vis_info"])
         if self.state.epoch > self.lr_decay_epoch and not self.state.lr_decayed:
@@ -165,9 +191,13 @@ class TrainingRun:
         return ckpt
 
     def save(self, name: str) -> None:
-        """Write the current state to ``best.pth`` or ``last.pth``."""
-        self.trainer.save(self.paths[name], vis_info=self.vis.state_dict(), **self.state.other_info(),
-                          rng=rng_state(self.trainer, self.dataset))
+        """Write the current state to ``best.pth`` or ``last.pth`` (rank 0, once every process arrived)."""
+        states = all_gather_objects(rng_state(self.trainer, self.dataset))
+        if is_main_process():
+            ranks = {"rng_ranks": states} if len(states) > 1 else {}
+            self.trainer.save(self.paths[name], vis_info=self.vis.state_dict(), **self.state.other_info(),
+                              rng=states[0], **ranks)
+        barrier()  # the file is complete before any process reads it or leaves
         self.saved = name == "last"
 
     def end_of_epoch(self, eval_map: float | None) -> None:
