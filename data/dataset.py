@@ -181,7 +181,7 @@ def _split_db(opt, train: bool, use_difficult: bool, split: str | None = None):
         from data.toy_coco import ensure_toy_coco
 
         if opt.data == "toy-coco":
-            data_dir = ensure_toy_coco(opt.toy_coco_dir)
+            data_dir = ensure_toy_coco(opt.toy_coco_dir, voc_root=opt.toy_data_dir)  # the same images
             split = split or ("trainval" if train else "test")
         else:
             data_dir = opt.coco_dir

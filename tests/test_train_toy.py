@@ -18,7 +18,7 @@ from train import build_model, evaluates_after
 from trainer import FasterRCNNTrainer
 from utils.checkpoint import load_checkpoint
 from utils.config import TOY_PRESET, Config
-from utils.evaluation import evaluate
+from utils.evaluation import evaluate, test_loader
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,7 @@ def test_seeded_toy_training_reaches_the_map_threshold(toy_root, one_thread):
     first, last = sum(totals[:20]) / 20, sum(totals[-100:]) / 100
     print(f"mean total loss: first 20 iterations {first:.3f}, last 100 {last:.3f}")
     assert last < 0.7 * first
-    test_loader = DataLoader(TestDataset(cfg), batch_size=1)
-    result = evaluate(test_loader, model, test_num=LEARN_TEST_NUM, progress=False)
+    result = evaluate(test_loader(TestDataset(cfg), test_num=LEARN_TEST_NUM), model, progress=False)
     print(f"mAP after {LEARN_ITERATIONS} iterations: {result['map']:.4f}, AP {result['ap']}")
     assert result["map"] >= LEARN_MIN_MAP
 
@@ -131,3 +130,51 @@ def test_eval_every_skips_evaluations_and_keeps_the_best_of_those_made(tiny_voc,
     assert [h["step"] for h in maps] == [24, 36, 48]  # 12 images per epoch
     best = load_checkpoint(tmp_path / "run" / "best.pth")
     assert best["other_info"]["best_map"] == pytest.approx(max(h["value"] for h in maps))
+
+
+# --- the COCO path and TensorBoard, end to end --------------------------------------------------------------
+def test_coco_data_trains_evaluates_with_coco_ap_and_writes_results_and_tensorboard(tmp_path):
+    """The toy set in COCO's layout (non-contiguous category ids, crowd regions) through ``--data=coco``:
+    training, COCO AP each epoch (kept in the history), ``eval --results`` in COCO's results format scored
+    again by pycocotools to the same AP, and TensorBoard event files holding the scalars at their steps and
+    the training pictures."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from test_vis_tool import read_tensorboard
+
+    from data.toy_coco import TOY_COCO_CATEGORY_IDS, ensure_toy_coco
+
+    coco = ensure_toy_coco(tmp_path / "coco", n_trainval=10, n_test=6, seed=3)
+    preset = {**TOY_PRESET, "epoch": 2, "lr_decay_epoch": 0, "plot_every": 4}
+    options = [f"--{key.replace('_', '-')}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+               for key, v in preset.items()]
+    options += ["--data=coco", f"--coco-dir={coco}", "--coco-train=trainval", "--coco-val=test",
+                f"--save-dir={tmp_path}", "--run-name=run", "--tensorboard=true"]
+    out = _cli("train", *options, cwd=tmp_path)
+    assert "epoch 0: test COCO AP" in out and "best test COCO AP" in out
+    run = tmp_path / "run"
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    for name in ("test_map", "test_AP50", "total_loss", "lr"):
+        assert name in {h["name"] for h in history}, name
+    scalars, images = read_tensorboard(run)
+    assert [step for step, _ in scalars["test_map"]] == [10, 20]  # the end of each epoch
+    assert [step for step, _ in scalars["total_loss"]] == [4, 8, 12, 16, 20]  # every plot_every steps
+    assert {"gt_img", "pred_img"} <= set(images) and [s for s, _ in images["gt_img"]] == [4, 8, 12, 16, 20]
+
+    # a model sure of class 4 everywhere (a barely trained one detects nothing above 0.05)
+    ckpt = load_checkpoint(run / "best.pth")
+    ckpt["model"]["head.score.bias"][5] += 8.0  # head class 5 = label 4
+    torch.save(ckpt, tmp_path / "sure.pth")
+    results = tmp_path / "coco_instances_results.json"
+    out = _cli("eval", f"--load-path={tmp_path / 'sure.pth'}", f"--results={results}", "--test-num-workers=0",
+               cwd=tmp_path)
+    assert "COCO AP:" in out and "AP50" in out
+    detections = json.loads(results.read_text())
+    assert detections and {d["category_id"] for d in detections} == {TOY_COCO_CATEGORY_IDS[4]}
+    gt = COCO(os.path.join(coco, "annotations", "instances_test.json"))
+    evaluator = COCOeval(gt, gt.loadRes(str(results)), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    printed = float(out.split("COCO AP: ")[1].split()[0])
+    assert evaluator.stats[0] == pytest.approx(printed, abs=5e-5)  # printed with 4 decimals
