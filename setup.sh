@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Make (or refresh) .venv with the pinned requirements and build the optional Cython extensions (NMS, RoI).
+# On a machine with an NVIDIA GPU (a driver answers), also install the CuPy wheel of the CUDA that torch was
+# built for (torch 2.14.1+cu130 -> cupy-cuda13x), so that NMS and RoI pooling run as CUDA kernels.
 # Safe to run again: pip skips what is installed, the build skips what is up to date.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -13,3 +15,13 @@ echo 'setuptools<81' > "$constraint"
 # Optional speed-up; the pure-Python fallback is used when this is missing.
 (cd model/utils && ../../.venv/bin/python build.py build_ext --inplace -q) \
   || echo "setup.sh: Cython build failed; the slower Python/torch twins of NMS and RoI pooling will be used." >&2
+# CuPy for the GPU kernels: only where an NVIDIA driver answers, in the CUDA major version of torch's build.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  cuda=$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])")
+  if [[ -n "$cuda" ]]; then
+    .venv/bin/python -m pip install -q "cupy-cuda${cuda}x==14.2.0" \
+      || echo "setup.sh: could not install cupy-cuda${cuda}x; NMS and RoI pooling will run on the CPU copies." >&2
+  else
+    echo "setup.sh: this torch is a CPU build; no CuPy installed." >&2
+  fi
+fi

@@ -64,7 +64,7 @@ from utils.distributed import (
     init_distributed,
     is_main_process,
 )
-from utils.evaluation import ap_table, evaluate, evaluate_checkpoint, test_loader
+from utils.evaluation import ap_table, eval_loader, evaluate, evaluate_checkpoint
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
 from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, restart_checkpoint, run_dir
 from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
@@ -223,7 +223,7 @@ def _train(cfg: Config, device: torch.device) -> float | None:
     groups = aspect_ratio_groups(dataset.image_sizes() if images_per_step > 1 else [(1, 1)] * len(dataset))
     # seeded runs of several images per step draw each image's flip and samples from its own generator
     per_image_draws = cfg.seed is not None and images_per_step > 1
-    loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
+    loader = eval_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
                          pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
 
     # model and trainer (rank 0 fetches the ImageNet weights first); the lr of one image per step times the

@@ -86,7 +86,7 @@ def test_evaluation_does_not_depend_on_the_test_batch_size(tmp_path, one_thread)
     from data.dataset import TestDataset
     from data.toy_dataset import TOY_LABEL_NAMES, generate_toy_voc
     from utils.config import Config
-    from utils.evaluation import detect, score, test_loader
+    from utils.evaluation import detect, eval_loader, score
 
     root = generate_toy_voc(tmp_path / "voc", n_trainval=1, n_test=8, seed=4, min_side=96, max_side=104)
     cfg = Config.parse({"data": "voc", "voc_data_dir": str(root), "label_names": TOY_LABEL_NAMES,
@@ -99,7 +99,7 @@ def test_evaluation_does_not_depend_on_the_test_batch_size(tmp_path, one_thread)
     model.score_thresh = 0.01
     results = {}
     for batch_size in (1, 3):
-        loader = test_loader(testset, batch_size=batch_size)
+        loader = eval_loader(testset, batch_size=batch_size)
         largest = max(sizes.count(s) for s in sizes)
         assert max(len(b) for b in loader.batch_sampler) == min(batch_size, largest)
         found = sorted(detect(loader, model, progress=False), key=lambda d: d.index)

@@ -18,7 +18,7 @@ from train import build_model, evaluates_after
 from trainer import FasterRCNNTrainer
 from utils.checkpoint import load_checkpoint
 from utils.config import TOY_PRESET, Config
-from utils.evaluation import evaluate, test_loader
+from utils.evaluation import eval_loader, evaluate
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +52,7 @@ def test_seeded_toy_training_reaches_the_map_threshold(toy_root, one_thread):
     first, last = sum(totals[:20]) / 20, sum(totals[-100:]) / 100
     print(f"mean total loss: first 20 iterations {first:.3f}, last 100 {last:.3f}")
     assert last < 0.7 * first
-    result = evaluate(test_loader(TestDataset(cfg), test_num=LEARN_TEST_NUM), model, progress=False)
+    result = evaluate(eval_loader(TestDataset(cfg), test_num=LEARN_TEST_NUM), model, progress=False)
     print(f"mAP after {LEARN_ITERATIONS} iterations: {result['map']:.4f}, AP {result['ap']}")
     assert result["map"] >= LEARN_MIN_MAP
 

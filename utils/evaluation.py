@@ -1,13 +1,13 @@
 """Evaluating a detector on a test split: detections of every image, scored by the data set's metric.
 
-:func:`detect` runs ``predict`` over a test loader (batches of one image size, :func:`test_loader`) and
+:func:`detect` runs ``predict`` over a test loader (batches of one image size, :func:`eval_loader`) and
 keeps every image's detections with its ground truth; :func:`score` scores them with the data set's
 metric: VOC07 11-point mAP (``utils/eval_tool.py``, the devkit's numbers) for VOC-layout data, COCO AP
 (``utils/coco_eval.py``, pycocotools) for COCO-layout data; :func:`evaluate` does both. :func:`ap_table`
 prints a result; :func:`evaluate_checkpoint` is the whole of ``python train.py eval``: the model, its class
 names, sizes and normalisation from a checkpoint, the test split from the options.
 
-Under torchrun each process detects its share of the test images (:func:`test_loader`) and :func:`score` is
+Under torchrun each process detects its share of the test images (:func:`eval_loader`) and :func:`score` is
 given the detections of all of them (``utils.distributed``); the detections of an image do not depend on the
 batch it was in (``FasterRCNN.predict``), so the score is that of one process.
 """
@@ -35,7 +35,7 @@ from utils.distributed import (
 )
 from utils.eval_tool import eval_detection_voc
 
-__all__ = ["Detections", "ap_table", "detect", "evaluate", "evaluate_checkpoint", "score", "test_loader"]
+__all__ = ["Detections", "ap_table", "detect", "evaluate", "evaluate_checkpoint", "score", "eval_loader"]
 
 
 @dataclasses.dataclass
@@ -58,7 +58,7 @@ class Detections:
     gt_difficult: np.ndarray
 
 
-def test_loader(testset, test_num: int = 10000, batch_size: int = 1, num_workers: int = 0,
+def eval_loader(testset, test_num: int = 10000, batch_size: int = 1, num_workers: int = 0,
                 pin_memory: bool = False, worker_init_fn=None) -> DataLoader:
     """A loader of this process's share of the first ``test_num`` items of ``testset`` (a
     ``data.dataset.TestDataset``), in batches of at most ``batch_size`` images of one preprocessed size
@@ -76,7 +76,7 @@ def detect(loader: DataLoader, faster_rcnn, amp: bool = False, progress: bool = 
     """Every image's detections (``faster_rcnn``'s current preset: ``'evaluate'`` unless changed).
 
     Args:
-        loader: from :func:`test_loader`.
+        loader: from :func:`eval_loader`.
         faster_rcnn: the model.
         amp: predict under ``torch.autocast`` (``utils.amp``).
         progress: show a tqdm bar (images).
@@ -133,7 +133,7 @@ def evaluate(loader: DataLoader, faster_rcnn, testset=None, amp: bool = False, p
              stop=None) -> dict:
     """:func:`detect` then :func:`score` (``testset``: the loader's data set by default).
 
-    Under torchrun every process detects its share (:func:`test_loader`), rank 0 scores the detections of
+    Under torchrun every process detects its share (:func:`eval_loader`), rank 0 scores the detections of
     all and every process gets the result (without COCO's ``'results'`` list, which rank 0 alone keeps).
     """
     found = detect(loader, faster_rcnn, amp, progress and is_main_process(), stop)
@@ -199,7 +199,7 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
         (report,) = check_splits([testset], skip_bad_samples=cfg.skip_bad_samples, progress=is_main_process())
         if is_main_process():
             print(report.summary())
-        loader = test_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
+        loader = eval_loader(testset, cfg.test_num, cfg.test_batch_size, cfg.test_num_workers,
                              pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals)
         result = evaluate(loader, model, testset, amp=cfg.amp)
         if cfg.results and is_main_process():
