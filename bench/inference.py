@@ -17,20 +17,27 @@ cuda``):
   separately and reported, and added in the end-to-end ratio), the 'evaluate' preset;
 * torchvision: ``model([img])`` on the RGB [0, 1] tensor (its transform normalises and resizes inside).
 
-Ours runs with ``model.to(memory_format=torch.channels_last)`` (``--no-channels-last`` to disable); for
-information, the same two models run also as "ours, contiguous" and "torchvision, channels_last backbone",
-so the gain of the memory format and what torchvision would get from it are visible in the same run.
-Repetitions interleave the models, and the median is reported. The FLOP floor is (FLOPs of every
-convolution of the extractor and the RPN + FLOPs of the head's linear layers for the RoIs actually pooled)
-divided by the fp32 rate of a 4096x4096 matmul measured in the same run (between the repetitions, so
-that it sees the same machine load).
+Memory format: both models run in both formats, ``contiguous`` (PyTorch's default) and ``channels_last``
+(``model.to(memory_format=torch.channels_last)``, one line for either model), so every ratio compares them in
+the same format. The headline is the format that ``utils.memory_format.choose_memory_format`` picks for
+inference on this machine (a probe of the extractor in both formats, cached per machine; on CUDA,
+contiguous), applied to both models; ``--memory-format`` forces it. Repetitions interleave the models, and
+the median is reported.
+
+The FLOP floor is the FLOPs of every convolution and linear layer of one ``predict`` (extractor, RPN, and the
+head's linear layers for the RoIs actually pooled) divided by the best fp32 rate measured on the machine
+(``bench/floor.py``): among dense matmuls of several sizes and each of the model's convolution and linear
+layers timed alone at its input size in the run, convolutions in both formats; the layers are timed between
+the repetitions, so that they see the same machine load. A time below the floor is printed as a ``BROKEN
+FLOOR``, not as a ratio.
 
 Peak memory on the CPU: each model runs in a fresh subprocess that builds the model, resets the kernel's
 peak-RSS counter (``/proc/self/clear_refs``), runs inference twice and reads ``VmHWM`` from
 ``/proc/self/status``: the peak resident memory during inference, weights included. With ``--device cuda``:
 ``torch.cuda.max_memory_allocated`` after a reset, per model, in this process.
 
-Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda] [--profile]``
+Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda]
+[--memory-format auto|channels_last|contiguous] [--profile]``
 """
 
 import argparse
@@ -55,8 +62,18 @@ from torchvision.ops import MultiScaleRoIAlign
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.floor import (  # noqa: E402
+    FORMATS,
+    FloorMeter,
+    LayerCall,
+    cpu_text,
+    floor_passes,
+    floor_ratio_text,
+    record_layer_calls,
+)
 from data.dataset import preprocess  # noqa: E402
 from model import FasterRCNNVGG16  # noqa: E402
+from utils.memory_format import choose_memory_format  # noqa: E402
 
 N_FG_CLASS = 20
 
@@ -143,50 +160,14 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def layer_flops(module: nn.Conv2d | nn.Linear, out: torch.Tensor) -> int:
-    """FLOPs (multiply-add = 2) of one forward of a convolution or linear layer that produced ``out``."""
-    if isinstance(module, nn.Conv2d):
-        fan_in = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-    else:
-        fan_in = module.in_features
-    return 2 * fan_in * out.numel()
-
-
-def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> dict[str, int]:
-    """FLOPs (multiply-add = 2) of one ``predict``: extractor convs, RPN convs, head linears, from hooks."""
-    flops = {"extractor": 0, "rpn": 0, "head": 0, "n_roi": 0}
-
-    def hook(part):
-        def record(module, args, out):
-            flops[part] += layer_flops(module, out)
-            if part == "head" and module is model.head.score:
-                flops["n_roi"] = out.shape[0]
-        return record
-
-    handles = []
-    for part, module in (("extractor", model.extractor), ("rpn", model.rpn), ("head", model.head)):
-        for m in module.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                handles.append(m.register_forward_hook(hook(part)))
-    try:
-        run_ours(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return flops
-
-
-class Matmul:
-    """A 4096x4096 fp32 matmul, ``2 * 4096**3`` FLOPs, timed among the models' repetitions."""
-
-    flops = 2 * 4096**3
-
-    def __init__(self, device: torch.device):
-        self.a = torch.randn(4096, 4096, device=device)
-        self.b = torch.randn(4096, 4096, device=device)
-
-    def __call__(self) -> torch.Tensor:
-        return self.a @ self.b
+def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> tuple[dict[str, int], list[LayerCall]]:
+    """FLOPs (multiply-add = 2) of one ``predict``: extractor convs, RPN convs, head linears (from forward
+    hooks), the number of RoIs the head saw, and the layer calls themselves (for the floor)."""
+    calls = record_layer_calls(model, lambda: run_ours(model, inputs))
+    flops = {part: sum(c.flops for c in calls if c.path.split(".")[0] == part)
+             for part in ("extractor", "rpn", "head")}
+    flops["n_roi"] = next(c.input_shape[0] for c in calls if c.module is model.head.score)
+    return flops, calls
 
 
 def _proc_status_kb(field: str) -> int:
@@ -196,16 +177,17 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(which: str, threads: int) -> None:
-    """In a fresh process: build one model, reset the peak RSS, infer twice, print the peaks as JSON."""
+def memory_child(which: str, threads: int, memory_format: str) -> None:
+    """In a fresh process: build one model in ``memory_format``, reset the peak RSS, infer twice, print the
+    peaks as JSON."""
     torch.set_num_threads(threads)
     ours = build_ours(seed=0)
     if which == "ours":
         model, run = ours, run_ours
-        model.to(memory_format=torch.channels_last)
     else:
         model, run = build_torchvision(ours, share=True), run_torchvision
         del ours  # its RPN only; the backbone and fc layers now belong to torchvision's model
+    model.to(memory_format=FORMATS[memory_format])
     inputs = Inputs(photo(600, 800), torch.device("cpu"))
     loaded_kb = _proc_status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
@@ -215,11 +197,12 @@ def memory_child(which: str, threads: int) -> None:
     print(json.dumps({"loaded_mb": loaded_kb / 1024, "peak_mb": peak_kb / 1024}))
 
 
-def cpu_peak_memory(threads: int) -> dict[str, dict]:
+def cpu_peak_memory(threads: int, memory_format: str) -> dict[str, dict]:
     result = {}
     for which in ("ours", "torchvision"):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", which, "--threads", str(threads)],
+            [sys.executable, __file__, "--memory-child", which, "--threads", str(threads),
+             "--memory-format", memory_format],
             check=True, capture_output=True, text=True,
         )
         result[which] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -237,99 +220,103 @@ def cuda_peak_memory(models: dict, inputs: Inputs, device: torch.device) -> dict
     return result
 
 
+def format_name(memory_format: torch.memory_format) -> str:
+    return next(name for name, fmt in FORMATS.items() if fmt == memory_format)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--no-channels-last", action="store_true",
-                        help="run our extractor in the default contiguous format")
+    parser.add_argument("--memory-format", default="auto", choices=("auto", *FORMATS),
+                        help="the headline's format, for both models (default auto: "
+                             "utils.memory_format.choose_memory_format's choice for inference)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of ours")
     parser.add_argument("--memory-child", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args.threads)
+        memory_child(args.memory_child, args.threads, args.memory_format)
         return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
     ours = build_ours(seed=0)
-    ours_contiguous = copy.deepcopy(ours).to(device)
-    tv = build_torchvision(ours, share=False).to(device)
-    tv_cl = build_torchvision(ours, share=False).to(device)
-    tv_cl.backbone.to(memory_format=torch.channels_last)
-    ours.to(device)
-    if not args.no_channels_last:
-        ours.to(memory_format=torch.channels_last)
-    inputs = Inputs(photo(height, width), device)
-    models = {
-        "ours": (ours, run_ours),
-        "torchvision": (tv, run_torchvision),
-        "ours, contiguous": (ours_contiguous, run_ours),
-        "torchvision, channels_last backbone": (tv_cl, run_torchvision),
-    }
-
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"threads {torch.get_num_threads()}, image {height}x{width} (chelsea), random init, "
-          f"ours in {'contiguous' if args.no_channels_last else 'channels_last'} format")
+          f"threads {torch.get_num_threads()}, image {height}x{width} (chelsea), random init; "
+          f"CPU {cpu_text()}")
+    headline = format_name(choose_memory_format(ours.to(device), "inference", (height, width),
+                                                setting=args.memory_format))
+    models = {}
+    for fmt, memory_format in FORMATS.items():
+        model = copy.deepcopy(ours) if fmt == "contiguous" else ours
+        models[("ours", fmt)] = (model.to(device).to(memory_format=memory_format), run_ours)
+        tv = build_torchvision(ours, share=False).to(device).to(memory_format=memory_format)
+        models[("torchvision", fmt)] = (tv, run_torchvision)
+    inputs = Inputs(photo(height, width), device)
+
     n_det = {}
-    for name, (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
+    for (who, fmt), (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
         out = run(model, inputs)
-        n_det[name] = len(out[1][0]) if name.startswith("ours") else len(out[0]["labels"])
-    matmul = Matmul(device)
-    matmul()
-    times = {name: [] for name in models}
-    matmul_times = []
-    for _ in range(args.reps):
-        for name, (model, run) in models.items():
-            times[name].append(timed(lambda model=model, run=run: run(model, inputs), device)[0])
-        matmul_times.append(statistics.median(timed(matmul, device)[0] for _ in range(3)))
-    median = {name: statistics.median(t) for name, t in times.items()}
+        n_det[who, fmt] = len(out[1][0]) if who == "ours" else len(out[0]["labels"])
+    flops, calls = count_flops(models["ours", headline][0], inputs)
+    meter = FloorMeter(calls, device)
+    times = {key: [] for key in models}
+    for rep in range(args.reps):
+        for key, (model, run) in models.items():
+            times[key].append(timed(lambda model=model, run=run: run(model, inputs), device)[0])
+        if rep in floor_passes(args.reps):
+            meter.measure()
+    median = {key: statistics.median(t) for key, t in times.items()}
     cpu = torch.device("cpu")
     pre_time = statistics.median(
         timed(lambda: preprocess(inputs.raw, 600, 1000, "torchvision"), cpu)[0] for _ in range(5)
     )
 
-    flops = count_flops(ours, inputs)
-    rate = matmul.flops / statistics.median(matmul_times)
+    for (who, fmt), t in median.items():
+        spread = f"min {min(times[who, fmt]):.3f} max {max(times[who, fmt]):.3f}"
+        print(f"{who + ', ' + fmt:26s} {t:.3f} s median of {args.reps} ({spread}), "
+              f"{n_det[who, fmt]} detections")
+    print(f"{'ours: preprocess (CPU)':26s} {pre_time:.3f} s")
+    for fmt in FORMATS:
+        mark = "  <- headline" if fmt == headline else ""
+        print(f"ratio ours / torchvision, both {fmt + ':':14s} "
+              f"{median['ours', fmt] / median['torchvision', fmt]:.3f} (of the minimums: "
+              f"{min(times['ours', fmt]) / min(times['torchvision', fmt]):.3f}){mark}")
+    ratio = median["ours", headline] / median["torchvision", headline]
+    why = ("the format utils.memory_format.choose_memory_format picks for inference on this machine"
+           if args.memory_format == "auto" else "forced by --memory-format")
+    print(f"HEADLINE ours / torchvision, both {headline} ({why}): {ratio:.3f} (target <= 0.85)")
+    ratio = (median["ours", headline] + pre_time) / median["torchvision", headline]
+    print(f"ratio ours + preprocess / torchvision ({headline}): {ratio:.3f}")
     total_flops = flops["extractor"] + flops["rpn"] + flops["head"]
-    floor = total_flops / rate
-
-    for name, t in median.items():
-        spread = f"min {min(times[name]):.3f} max {max(times[name]):.3f}"
-        print(f"{name:38s} {t:.3f} s median of {args.reps} ({spread}), {n_det[name]} detections")
-    print(f"{'ours: preprocess (CPU)':38s} {pre_time:.3f} s")
-    ratio = median["ours"] / median["torchvision"]
-    print(f"ratio ours / torchvision:               {ratio:.3f} (target <= 0.85)")
-    ratio = (median["ours"] + pre_time) / median["torchvision"]
-    print(f"ratio ours + preprocess / torchvision:  {ratio:.3f}")
-    print(f"ratio ours / torchvision channels_last: "
-          f"{median['ours'] / median['torchvision, channels_last backbone']:.3f} (for information)")
-    print(f"ratio ours / ours contiguous:           {median['ours'] / median['ours, contiguous']:.3f} "
-          "(the gain of channels_last)")
     print(f"FLOPs: extractor {flops['extractor'] / 1e9:.1f} G, RPN {flops['rpn'] / 1e9:.1f} G, head "
-          f"{flops['head'] / 1e9:.1f} G for {flops['n_roi']} RoIs; "
-          f"fp32 matmul 4096^3 {rate / 1e9:.0f} GFLOP/s")
-    print(f"FLOP floor {floor:.3f} s; ours / floor {median['ours'] / floor:.3f} (target <= 1.15)")
+          f"{flops['head'] / 1e9:.1f} G for {flops['n_roi']} RoIs")
+    print(meter.summary(total_flops))
+    floor = total_flops / meter.peak().rate
+    for who in ("ours", "torchvision"):
+        target = 1.15 if who == "ours" else None
+        print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
+    print(meter.alone_ratio_text("ours", median["ours", headline], headline))
     if device.type == "cuda":
-        for name, t in median.items():
-            print(f"{name:38s} {1 / t:.1f} fps")
-        for name, mb in cuda_peak_memory(models, inputs, device).items():
-            print(f"{name:38s} peak CUDA memory {mb:.0f} MiB (torch.cuda.max_memory_allocated)")
+        for (who, fmt), t in median.items():
+            print(f"{who + ', ' + fmt:26s} {1 / t:.1f} fps")
+        for (who, fmt), mb in cuda_peak_memory(models, inputs, device).items():
+            print(f"{who + ', ' + fmt:26s} peak CUDA memory {mb:.0f} MiB (torch.cuda.max_memory_allocated)")
     else:
-        memory = cpu_peak_memory(args.threads)
+        memory = cpu_peak_memory(args.threads, headline)
         for name, m in memory.items():
-            print(f"{name:38s} peak RSS during inference {m['peak_mb']:.0f} MiB (loaded model "
-                  f"{m['loaded_mb']:.0f} MiB; fresh process, VmHWM)")
+            print(f"{name + ', ' + headline:26s} peak RSS during inference {m['peak_mb']:.0f} MiB "
+                  f"(loaded model {m['loaded_mb']:.0f} MiB; fresh process, VmHWM)")
         ratio = memory["ours"]["peak_mb"] / memory["torchvision"]["peak_mb"]
-        print(f"peak memory ours / torchvision: {ratio:.3f} (target <= 1)")
+        print(f"peak memory ours / torchvision ({headline}): {ratio:.3f} (target <= 1)")
 
     if args.profile:
         from torch.profiler import profile
 
         with profile() as prof:
-            run_ours(ours, inputs)
+            run_ours(models["ours", headline][0], inputs)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 

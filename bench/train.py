@@ -9,21 +9,27 @@ same VGG16, and the toy job's time to mAP 0.9.
    weight decay on biases) as our ``get_optimizer`` makes it (fused); for information, torchvision runs
    also with its reference recipe's plain ``torch.optim.SGD``. One step = forward, the four losses,
    backward, optimizer step, on a 600x800 photo (scikit-image's ``chelsea``) with three ground-truth
-   boxes. Ours runs its extractor in ``channels_last`` (as ``bench/inference.py``); ours is given the
-   preprocessed image, torchvision the RGB [0, 1] image (it normalises inside; the resize is a no-op at
-   600x800). Repetitions interleave the models; medians are reported, and the ratio (target <= 0.85).
-   The FLOP floor of the step (as ``bench/inference.py``'s for inference): the FLOPs of every convolution
-   and linear layer of ours, forward, plus backward twice the forward where both the weight and the input
-   need a gradient and once where only one does (conv3_1 has no input gradient: conv1/conv2 are frozen),
-   divided by the rate of a 4096^3 fp32 matmul timed among the repetitions.
+   boxes; ours is given the preprocessed image, torchvision the RGB [0, 1] image (it normalises inside; the
+   resize is a no-op at 600x800). Both models run in both memory formats (``contiguous`` and
+   ``channels_last``, ``model.to(memory_format=...)``), so each ratio compares them in the same format; the
+   headline is the format ``utils.memory_format.choose_memory_format`` picks for training on this machine
+   (cached per machine; ``--memory-format`` forces it), applied to both. Repetitions interleave the models;
+   medians are reported, and the ratios (target <= 0.85).
+   The FLOP floor of the step (``bench/floor.py``): the FLOPs of every convolution and linear layer of ours,
+   forward, plus backward twice the forward where both the weight and the input need a gradient and once
+   where only one does (conv3_1 has no input gradient: conv1/conv2 are frozen), divided by the best fp32 rate
+   measured on the machine among dense matmuls of several sizes and each of the step's convolution (both
+   formats) and linear layers timed alone at its input size, forward and backward with the gradients the
+   step computes; the layers are timed among the repetitions. A step faster than the floor is printed as a
+   ``BROKEN FLOOR``, never as a ratio.
 2. Toy time to mAP: ``train.train(data='toy')`` exactly as ``python train.py train --data=toy`` runs it,
    in this process; the run's ``history.jsonl`` gives the iteration and the time (evaluation included) at
    which the per-epoch test mAP first reached 0.9, the final mAP and the total time.
 3. ``--device cuda``: images/s and peak memory (``torch.cuda.max_memory_allocated``) of VOC-size training
    steps (600x1000) for both models. Targets on an H100: >= 20 img/s, <= 3 GB.
 
-Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda] [--skip-toy]
-[--toy-only] [--profile]``
+Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda]
+[--memory-format auto|channels_last|contiguous] [--skip-toy] [--toy-only] [--profile]``
 """
 
 import argparse
@@ -37,14 +43,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.inference import Matmul, build_ours, build_torchvision, layer_flops, photo  # noqa: E402
+from bench.floor import (  # noqa: E402
+    FORMATS,
+    FloorMeter,
+    LayerCall,
+    cpu_text,
+    floor_passes,
+    floor_ratio_text,
+    record_layer_calls,
+)
+from bench.inference import build_ours, build_torchvision, format_name, photo  # noqa: E402
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
+from utils.memory_format import choose_memory_format  # noqa: E402
 
 # Ground truth of the benchmark image, (y_min, x_min, y_max, x_max) in 600x800 pixels, and fg labels.
 BBOX = np.array([[60, 120, 560, 700], [200, 40, 420, 300], [300, 500, 520, 760]], dtype=np.float32)
@@ -54,10 +69,8 @@ LABEL = np.array([7, 11, 14], dtype=np.int32)
 class OursStep:
     """One training step of our trainer on the preprocessed image."""
 
-    def __init__(self, raw: np.ndarray, device: torch.device, channels_last: bool):
-        model = build_ours(seed=0).train().to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
+    def __init__(self, raw: np.ndarray, device: torch.device, memory_format: torch.memory_format):
+        model = build_ours(seed=0).train().to(device).to(memory_format=memory_format)
         self.trainer = FasterRCNNTrainer(model, seed=0)
         img = preprocess(raw, 600, 1000, "torchvision")
         self.img = torch.from_numpy(img)[None].to(device)
@@ -77,7 +90,8 @@ class TorchvisionStep:
     implementation).
     """
 
-    def __init__(self, raw: np.ndarray, device: torch.device, reference_sgd: bool = False):
+    def __init__(self, raw: np.ndarray, device: torch.device, memory_format: torch.memory_format,
+                 reference_sgd: bool = False):
         model = build_torchvision(build_ours(seed=0), share=False)
         model.rpn._pre_nms_top_n["training"] = 12000
         model.rpn._post_nms_top_n["training"] = 2000
@@ -85,7 +99,7 @@ class TorchvisionStep:
         model.rpn.fg_bg_sampler.positive_fraction = 0.5
         model.roi_heads.fg_bg_sampler.batch_size_per_image = 128
         model.roi_heads.fg_bg_sampler.positive_fraction = 0.25
-        self.model = model.train().to(device)
+        self.model = model.train().to(device).to(memory_format=memory_format)
         if reference_sgd:
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
@@ -104,78 +118,77 @@ class TorchvisionStep:
         return total
 
 
-def training_flops(step: OursStep) -> tuple[int, int]:
+def training_flops(step: OursStep) -> tuple[int, int, list[LayerCall]]:
     """``(forward, backward)`` FLOPs (multiply-add = 2) of the convolutions and linear layers of one step of
-    ours; each backward product (weight gradient, input gradient) that autograd computes costs the
-    forward's."""
-    flops = [0, 0]
-
-    def record(module, args, out):
-        forward = layer_flops(module, out)
-        flops[0] += forward
-        flops[1] += forward * (int(module.weight.requires_grad) + int(args[0].requires_grad))
-
-    model = step.trainer.faster_rcnn
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    handles = [m.register_forward_hook(record) for m in layers]
-    try:
-        step()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return flops[0], flops[1]
+    ours, and the layer calls (for the floor); each backward product (weight gradient, input gradient) that
+    autograd computes costs the forward's."""
+    calls = record_layer_calls(step.trainer.faster_rcnn, step)
+    return sum(c.flops for c in calls), sum(c.backward_flops for c in calls), calls
 
 
 def vgg16_steps(args, device: torch.device) -> None:
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
     raw = photo(height, width)
-    steps = {
-        "ours": OursStep(raw, device, channels_last=not args.no_channels_last),
-        "torchvision": TorchvisionStep(raw, device),
-        "tv, ref. SGD": TorchvisionStep(raw, device, reference_sgd=True),
-    }
-    layout = "contiguous" if args.no_channels_last else "channels_last"
     print(f"VGG16 training step: device {device}, torch {torch.__version__}, torchvision "
           f"{torchvision.__version__}, threads {torch.get_num_threads()}, image {height}x{width} (chelsea), "
-          f"{len(BBOX)} boxes, random init, ours {layout}")
+          f"{len(BBOX)} boxes, random init; CPU {cpu_text()}")
+    probe_model = build_ours(seed=0).train().to(device)
+    headline = format_name(choose_memory_format(probe_model, "training", (height, width),
+                                                setting=args.memory_format))
+    del probe_model
+    steps = {}
+    for fmt, memory_format in FORMATS.items():
+        steps["ours", fmt] = OursStep(raw, device, memory_format)
+        steps["torchvision", fmt] = TorchvisionStep(raw, device, memory_format)
+    steps["tv, ref. SGD", headline] = TorchvisionStep(raw, device, FORMATS[headline], reference_sgd=True)
     for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
         step()
-    matmul = Matmul(device)
-    matmul()
-    times = {name: [] for name in steps}
-    matmul_times = []
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            times[name].append(timed(step, device))
-        matmul_times.append(statistics.median(timed(matmul, device) for _ in range(3)))
-    median = {name: statistics.median(t) for name, t in times.items()}
-    for name, t in median.items():
-        print(f"{name:12s} {t:.3f} s/step median of {args.reps} (min {min(times[name]):.3f} "
-              f"max {max(times[name]):.3f}), {1 / t:.2f} img/s")
-    print(f"ratio ours / torchvision: {median['ours'] / median['torchvision']:.3f} (target <= 0.85; the same "
+    forward, backward, calls = training_flops(steps["ours", headline])
+    meter = FloorMeter(calls, device)
+    times = {key: [] for key in steps}
+    for rep in range(args.reps):
+        for key, step in steps.items():
+            times[key].append(timed(step, device))
+        if rep in floor_passes(args.reps):
+            meter.measure()
+    median = {key: statistics.median(t) for key, t in times.items()}
+    for (who, fmt), t in median.items():
+        print(f"{who + ', ' + fmt:27s} {t:.3f} s/step median of {args.reps} (min {min(times[who, fmt]):.3f} "
+              f"max {max(times[who, fmt]):.3f}), {1 / t:.2f} img/s")
+    for fmt in FORMATS:
+        mark = "  <- headline" if fmt == headline else ""
+        print(f"ratio ours / torchvision, both {fmt + ':':14s} "
+              f"{median['ours', fmt] / median['torchvision', fmt]:.3f} (of the minimums: "
+              f"{min(times['ours', fmt]) / min(times['torchvision', fmt]):.3f}){mark}")
+    why = ("the format utils.memory_format.choose_memory_format picks for training on this machine"
+           if args.memory_format == "auto" else "forced by --memory-format")
+    print(f"HEADLINE ours / torchvision, both {headline} ({why}): "
+          f"{median['ours', headline] / median['torchvision', headline]:.3f} (target <= 0.85; the same "
           "optimizer, our fused SGD, for both)")
-    print(f"ratio ours / torchvision with its reference recipe's SGD: "
-          f"{median['ours'] / median['tv, ref. SGD']:.3f} (for information)")
-    forward, backward = training_flops(steps["ours"])
-    rate = matmul.flops / statistics.median(matmul_times)
-    floor = (forward + backward) / rate
+    print(f"ratio ours / torchvision with its reference recipe's SGD ({headline}): "
+          f"{median['ours', headline] / median['tv, ref. SGD', headline]:.3f} (for information)")
     print(f"FLOPs of a step (convolutions and linear layers): forward {forward / 1e9:.0f} G, backward "
-          f"{backward / 1e9:.0f} G; fp32 matmul 4096^3 {rate / 1e9:.0f} GFLOP/s; FLOP floor {floor:.3f} s")
-    print(f"ours / floor {median['ours'] / floor:.3f} (target <= 1.15), torchvision / floor "
-          f"{median['torchvision'] / floor:.3f}")
+          f"{backward / 1e9:.0f} G")
+    print(meter.summary(forward + backward))
+    floor = (forward + backward) / meter.peak().rate
+    for who in ("ours", "torchvision"):
+        target = 1.15 if who == "ours" else None
+        print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
+    print(meter.alone_ratio_text("ours", median["ours", headline], headline))
     if device.type == "cuda":
-        for name, step in steps.items():
+        for (who, fmt), step in steps.items():
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             torch.cuda.synchronize(device)
-            print(f"{name:12s} peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB "
-                  "(torch.cuda.max_memory_allocated, one training step)")
+            mib = torch.cuda.max_memory_allocated(device) / 2**20
+            print(f"{who + ', ' + fmt:27s} peak CUDA memory {mib:.0f} MiB (torch.cuda.max_memory_allocated, "
+                  "one training step)")
     if args.profile:
         from torch.profiler import profile
 
         with profile() as prof:
-            steps["ours"]()
+            steps["ours", headline]()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
@@ -206,8 +219,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=3, help="timed steps per model (default 3)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--no-channels-last", action="store_true",
-                        help="run our extractor in the default contiguous format")
+    parser.add_argument("--memory-format", default="auto", choices=("auto", *FORMATS),
+                        help="the headline's format, for both models (default auto: "
+                             "utils.memory_format.choose_memory_format's choice for training)")
     parser.add_argument("--skip-toy", action="store_true", help="only the VGG16 step comparison")
     parser.add_argument("--toy-only", action="store_true", help="only the toy time to mAP")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
