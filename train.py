@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data.check import check_splits
-from data.dataset import Dataset, TestDataset, collate_train, image_rng, normalize_of
+from data.dataset import Dataset, TestDataset, collate_train, image_rng, normalize_of, resized_size
 from data.sampler import aspect_ratio_groups, shard
 from data.util import DataError
 from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16
@@ -66,6 +66,7 @@ from utils.distributed import (
 )
 from utils.evaluation import ap_table, eval_loader, evaluate, evaluate_checkpoint
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
+from utils.memory_format import choose_memory_format
 from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, restart_checkpoint, run_dir
 from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
 
@@ -233,9 +234,11 @@ def _train(cfg: Config, device: torch.device) -> float | None:
     model = build_model(cfg, len(dataset.label_names)).to(device)
     if main:
         barrier()
-    if device.type == "cpu":
-        # oneDNN's convolutions run faster on channels-last maps (bench/train.py, bench/inference.py)
-        model.to(memory_format=torch.channels_last)
+    # the extractor's memory format that trains fastest on this CPU (rank 0 measures, once per machine)
+    size = resized_size(dataset.image_size(0), cfg.min_size, cfg.max_size)
+    memory_format = broadcast_object(choose_memory_format(model, "training", size, cfg.memory_format)
+                                     if main else None)
+    model.to(memory_format=memory_format)
     lr = cfg.lr * images_per_step if cfg.scale_lr else cfg.lr
     trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names, lr=lr)
 

@@ -217,13 +217,15 @@ class _VOCSplit:
         """How the split is scored: ``'voc'`` (VOC07 11-point mAP) or ``'coco'`` (COCO AP)."""
         return "coco" if getattr(self.db, "box_convention", "voc") == "coco" else "voc"
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """``(H, W)`` of item ``i``'s original image, without decoding it (the file's header, or COCO's
+        json)."""
+        size = self.db.image_size(i)
+        return size if size is not None else read_image_size(self.db.image_path(i))
+
     def image_sizes(self) -> list[tuple[int, int]]:
-        """``(H, W)`` of every item's original image, without decoding (file headers, or COCO's json)."""
-        sizes = []
-        for i in range(len(self)):
-            size = self.db.image_size(i)
-            sizes.append(size if size is not None else read_image_size(self.db.image_path(i)))
-        return sizes
+        """:meth:`image_size` of every item."""
+        return [self.image_size(i) for i in range(len(self))]
 
     def drop(self, indices) -> None:
         """Stop serving the items at ``indices`` (e.g. the bad samples found by :mod:`data.check`); the

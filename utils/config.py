@@ -138,6 +138,10 @@ class Config:
     rpn_sigma: float = option(3.0, "sigma of the RPN's smooth L1 localisation loss")
     roi_sigma: float = option(1.0, "sigma of the RoI head's smooth L1 localisation loss")
     seed: int | None = option(None, "seed of every random generator (None: a different run each time)")
+    memory_format: str = option("auto", "CPU memory format of the extractor: 'auto' (measured once per "
+                                        "machine, phase and size, then cached), 'channels_last' or "
+                                        "'contiguous'",
+                                choices=("auto", "channels_last", "contiguous"))
     device: str = option("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (under "
                                  "torchrun: one GPU per process, cuda:LOCAL_RANK)")
     dist_timeout: float = option(1800.0, "under torchrun: seconds a process waits for the others before the "

@@ -183,6 +183,7 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
     from utils.checkpoint import checkpoint_config, load_checkpoint, model_from_checkpoint
     from utils.config import Config, ConfigError
     from utils.interrupt import ignore_stop_signals
+    from utils.memory_format import choose_memory_format
 
     ckpt = load_checkpoint(load_path)
     arch = ckpt["arch"]
@@ -193,6 +194,10 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
     try:
         model = model_from_checkpoint(ckpt, load_path).to(device)
         testset = TestDataset(cfg)
+        size = testset.input_sizes()[0] if len(testset) else (cfg.min_size, cfg.min_size)
+        memory_format = broadcast_object(choose_memory_format(model, "inference", size, cfg.memory_format)
+                                         if is_main_process() else None)
+        model.to(memory_format=memory_format)
         if cfg.results and testset.metric != "coco":
             raise ConfigError(f"--results writes COCO's results format, for COCO data (--data=coco or "
                               f"--data=toy-coco); this checkpoint evaluates on --data={cfg.data}")
