@@ -594,5 +594,6 @@ def test_original_checkpoint_file_loads_and_predicts_like_its_model(tmp_path, ph
     with open(out / "astronaut.json") as f:
         detections = json.load(f)["detections"]
     assert [d["class_name"] for d in detections] == ["class_1"] * len(want_bbox)
-    np.testing.assert_array_equal(np.array([d["bbox"] for d in detections], np.float32), want_bbox)
-    np.testing.assert_array_equal(np.array([d["score"] for d in detections], np.float32), want_score)
+    # the demo runs the extractor in this CPU's fastest memory format: the same detections, to float rounding
+    np.testing.assert_allclose(np.array([d["bbox"] for d in detections], np.float32), want_bbox, rtol=1e-5)
+    np.testing.assert_allclose(np.array([d["score"] for d in detections], np.float32), want_score, rtol=1e-5)
