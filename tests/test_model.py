@@ -503,3 +503,145 @@ def test_use_drop_and_preset_names(vgg16_file):
         m.use_preset("fast")
     m.use_preset("visualize")
     assert (m.nms_thresh, m.score_thresh) == (0.3, 0.7)
+
+
+# ---------------------------------------------------------------------------------------------- CPU linear
+
+
+def _linear_inputs(shape, n_out, seed, bias=True):
+    """Random float32 ``x`` ``(*shape)``, ``weight`` ``(n_out, shape[-1])``, ``bias`` ``(n_out,)`` or None."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    weight = torch.randn(n_out, shape[-1], generator=g) / shape[-1] ** 0.5
+    return x, weight, torch.randn(n_out, generator=g) if bias else None
+
+
+@pytest.mark.parametrize("shape,n_out,bias", [((300, 1000), 512, True), ((2, 5, 64), 40, True),
+                                              ((1, 8), 3, False)])
+def test_onednn_linear_matches_float64_reference(shape, n_out, bias):
+    """Forward without and with a graph, and all three gradients, against float64 autograd of F.linear."""
+    from model.utils import cpu_linear
+
+    x, weight, b = _linear_inputs(shape, n_out, seed=len(shape) + n_out, bias=bias)
+    upstream = torch.randn(*shape[:-1], n_out, generator=torch.Generator().manual_seed(7))
+    leaves64 = [t.double().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    ref = F.linear(*leaves64, *(() if bias else (None,)))
+    ref_grads = torch.autograd.grad(ref, leaves64, upstream.double())
+    tol = dict(rtol=1e-5, atol=1e-5 * shape[-1] ** 0.5)
+
+    with torch.no_grad():
+        out = cpu_linear.onednn_linear(x, weight, b)
+    assert out.shape == ref.shape and out.dtype == torch.float32 and out.grad_fn is None
+    torch.testing.assert_close(out, ref.detach().float(), **tol)
+
+    leaves = [t.clone().requires_grad_() for t in (x, weight) + ((b,) if bias else ())]
+    out = cpu_linear.onednn_linear(*leaves, *(() if bias else (None,)))
+    assert out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), ref.detach().float(), **tol)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    for grad, ref_grad, leaf in zip(grads, ref_grads, leaves, strict=True):
+        assert grad.shape == leaf.shape
+        torch.testing.assert_close(grad, ref_grad.float(), rtol=1e-5, atol=1e-4 * x.shape[0] ** 0.5)
+
+
+def test_onednn_linear_computes_only_the_gradients_asked():
+    from model.utils import cpu_linear
+
+    x, weight, bias = _linear_inputs((16, 32), 8, seed=3)
+    weight.requires_grad_()
+    out = cpu_linear.onednn_linear(x, weight, bias)  # only the weight needs a gradient (a frozen input)
+    out.square().sum().backward()
+    ref = weight.detach().clone().requires_grad_()
+    F.linear(x, ref, bias).square().sum().backward()
+    torch.testing.assert_close(weight.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert x.grad is None and bias.grad is None
+
+
+def test_cpu_linear_device_rule(monkeypatch):
+    """oneDNN only for float32 CPU tensors with rows, outside autocast, per backend and CPU vendor."""
+    from model.utils import cpu_linear
+
+    x, weight, _ = _linear_inputs((4, 6), 3, seed=0)
+    with cpu_linear.backend("onednn"):
+        assert cpu_linear.use_onednn(x, weight)
+        assert not cpu_linear.use_onednn(x.double(), weight.double())
+        assert not cpu_linear.use_onednn(x[:0], weight)  # no rows
+        assert not cpu_linear.use_onednn(x.to("meta"), weight.to("meta"))  # another device: nn.Linear's path
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not cpu_linear.use_onednn(x, weight)
+            assert cpu_linear.linear(x, weight).dtype == torch.bfloat16  # autocast applies, as to F.linear
+        if torch.cuda.is_available():
+            assert not cpu_linear.use_onednn(x.cuda(), weight.cuda())
+    with cpu_linear.backend("native"):
+        assert not cpu_linear.use_onednn(x, weight)
+    for amd in (True, False):  # 'auto': oneDNN on AMD CPUs only
+        monkeypatch.setattr(cpu_linear, "cpu_is_amd", lambda amd=amd: amd)
+        with cpu_linear.backend("auto"):
+            assert cpu_linear.use_onednn(x, weight) is amd
+    assert cpu_linear.get_backend() == "auto"
+    with pytest.raises(ValueError, match="backend"):
+        cpu_linear.set_backend("mkl")
+
+
+def test_cpu_is_amd_reads_the_vendor(tmp_path):
+    from model.utils import cpu_linear
+
+    for vendor, expected in (("AuthenticAMD", True), ("GenuineIntel", False)):
+        path = tmp_path / f"{vendor}.txt"
+        path.write_text(f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: 25\n\nprocessor\t: 1\n")
+        assert cpu_linear.cpu_is_amd(str(path)) is expected
+    assert cpu_linear.cpu_is_amd(str(tmp_path / "missing")) is False
+
+
+def test_head_onednn_matches_native():
+    """VGG16RoIHead on oneDNN: nn.Linear's outputs and fc6/fc7 gradients; module hooks on the native path.
+
+    A small head (fc6 25088 -> 256) whose fc biases keep every ReLU active: a pre-activation within float32
+    rounding of 0 could otherwise switch its ReLU between the two paths and move a whole gradient row.
+    """
+    from model.faster_rcnn_vgg16 import VGG16RoIHead
+    from model.utils import cpu_linear
+
+    torch.manual_seed(5)
+    classifier = torch.nn.Sequential(torch.nn.Linear(512 * 49, 256), torch.nn.ReLU(),
+                                     torch.nn.Linear(256, 4096), torch.nn.ReLU())
+    with torch.no_grad():
+        classifier[0].bias.fill_(20.0)
+        classifier[2].bias.fill_(20.0)
+    head = VGG16RoIHead(n_class=N_FG_CLASS + 1, roi_size=7, spatial_scale=1 / 16, classifier=classifier)
+    features = torch.randn(1, 512, 15, 20, generator=torch.Generator().manual_seed(4))
+    rois = _random_bbox(np.random.default_rng(4), 40, size=240.0)
+    indices = np.zeros(len(rois), np.int32)
+    results, seen = {}, []
+    hook = head.classifier[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    for name in ("native", "onednn"):
+        head.zero_grad(set_to_none=True)
+        with cpu_linear.backend(name):
+            roi_cls_locs, roi_scores = head(features, rois, indices)
+            (roi_cls_locs.square().sum() + roi_scores.logsumexp(1).sum()).backward()
+        assert (roi_cls_locs.shape, roi_scores.shape) == ((40, 84), (40, 21))
+        results[name] = (roi_cls_locs.detach(), roi_scores.detach(),
+                         *(head.classifier[i].weight.grad for i in (0, 2)),
+                         *(head.classifier[i].bias.grad for i in (0, 2)))
+    hook.remove()
+    assert seen == [(40, 256)]  # the native run only: the oneDNN path does not call the module
+    for got, expected in zip(results["onednn"], results["native"], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
+
+
+def test_predict_same_detections_on_onednn(model, confident_head):
+    from model.utils import cpu_linear
+
+    bias = np.zeros(N_FG_CLASS + 1, np.float32)
+    bias[[2, 9]] = 12.0
+    confident_head(bias)
+    raw = skimage_data.chelsea().transpose(2, 0, 1).astype(np.float32)
+    results = {}
+    for name in ("native", "onednn"):
+        with cpu_linear.backend(name):
+            results[name] = model.predict([raw], visualize=True, score_thresh=0.05)
+    (bbox, label, score), (ref_bbox, ref_label, ref_score) = ([r[0] for r in results[k]] for k in results)
+    assert len(ref_label) > 0
+    np.testing.assert_array_equal(label, ref_label)
+    np.testing.assert_allclose(bbox, ref_bbox, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(score, ref_score, rtol=1e-4, atol=1e-6)
