@@ -1,4 +1,5 @@
-"""Inference time and memory: our ``FasterRCNNVGG16`` against torchvision's ``FasterRCNN`` on the same VGG16.
+"""Inference time and memory: our ``FasterRCNNVGG16`` against torchvision's ``FasterRCNN`` on the same VGG16
+(or both on the same ResNet-101 in the C4 layout, ``--backbone=resnet101``).
 
 Both models are randomly initialised (no ImageNet weights are available offline) with the *same* VGG16
 weights: torchvision's model gets copies of our extractor (conv1_1 ... relu5_3, 512 channels), fc6/fc7 and
@@ -24,6 +25,12 @@ inference on this machine (a probe of the extractor in both formats, cached per 
 contiguous), applied to both models; ``--memory-format`` forces it. Repetitions interleave the models, and
 the median is reported.
 
+Fully connected layers: on AMD CPUs our fc6/fc7 run on oneDNN rather than the default BLAS (MKL, 2x slower
+there: ``model/utils/cpu_linear.py``), torchvision's on the default BLAS. A torchvision user can move its box
+head to oneDNN for inference in one line (``torch.utils.mkldnn.to_mkldnn``), so beside the headline (CPU,
+float32, VGG16) two ratios put the fully connected layers of both on one kernel: ours against torchvision with
+``to_mkldnn``, and ours with fc6/fc7 on the default BLAS against torchvision as it is.
+
 The FLOP floor is the FLOPs of every convolution and linear layer of one ``predict`` (extractor, RPN, and the
 head's linear layers for the RoIs actually pooled) divided by the best fp32 rate measured on the machine
 (``bench/floor.py``): among dense matmuls of several sizes and each of the model's convolution and linear
@@ -36,8 +43,16 @@ peak-RSS counter (``/proc/self/clear_refs``), runs inference twice and reads ``V
 ``/proc/self/status``: the peak resident memory during inference, weights included. With ``--device cuda``:
 ``torch.cuda.max_memory_allocated`` after a reset, per model, in this process.
 
-Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda]
-[--memory-format auto|channels_last|contiguous] [--profile]``
+Options for both models alike: ``--batch-size=N`` (N copies of the photo per call; ours predicts them in one
+batch), ``--amp`` (both under ``torch.autocast``: bfloat16 on the CPU, float16 on CUDA, as a torchvision user
+switches it on in one line; the FLOP floor, a float32 one, is then not measured), ``--backbone=resnet101``
+(torchvision's ``FasterRCNN`` built on our ResNet-101 C4 extractor, layer4 + average pooling as its box head
+on RoIPool 14x14, the same weights; BatchNorm statistics calibrated on random images). ``--json PATH``
+writes the headline's figures for ``bench/gpu.sh``.
+
+Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda] [--batch-size 1]
+[--amp] [--backbone vgg16|resnet101] [--memory-format auto|channels_last|contiguous] [--json PATH]
+[--profile]``
 """
 
 import argparse
@@ -58,7 +73,9 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.misc import Conv2dNormActivation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -72,7 +89,9 @@ from bench.floor import (  # noqa: E402
     record_layer_calls,
 )
 from data.dataset import preprocess  # noqa: E402
-from model import FasterRCNNVGG16  # noqa: E402
+from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16  # noqa: E402
+from model.utils import cpu_linear  # noqa: E402
+from utils.amp import autocast, autocast_dtype  # noqa: E402
 from utils.memory_format import choose_memory_format  # noqa: E402
 
 N_FG_CLASS = 20
@@ -87,24 +106,70 @@ class RoIPoolAdapter(MultiScaleRoIAlign):
         self.pool = torchvision.ops.RoIPool((output_size, output_size), spatial_scale)
 
     def forward(self, features: dict, proposals: list, image_shapes: list) -> torch.Tensor:
-        return self.pool(features["0"], proposals)  # proposals: (x_min, y_min, x_max, y_max) per image
+        x = features["0"]
+        if x.dtype == torch.bfloat16:  # torchvision's CPU roi_pool has no bfloat16 kernel: pool in float32,
+            return self.pool(x.float(), [p.float() for p in proposals]).to(x.dtype)  # as ours does inside
+        return self.pool(x, proposals)  # proposals: (x_min, y_min, x_max, y_max) per image
 
 
-def build_ours(seed: int) -> FasterRCNNVGG16:
+def build_ours(seed: int, backbone: str = "vgg16") -> FasterRCNN:
+    """Our model with random weights (ResNet: BatchNorm statistics calibrated on random images, so that the
+    frozen BatchNorm keeps activations in range) and class biases drawn from U(0, 2.5)."""
     torch.manual_seed(seed)
-    model = FasterRCNNVGG16(n_fg_class=N_FG_CLASS).eval()
+    if backbone == "vgg16":
+        model = FasterRCNNVGG16(n_fg_class=N_FG_CLASS)
+    else:
+        model = FasterRCNNResNet(n_fg_class=N_FG_CLASS, depth=int(backbone[len("resnet"):]))
+        load_resnet(model, calibrated_resnet_state_dict(backbone, seed))
+    model.eval()
     with torch.no_grad():
         model.head.score.bias.uniform_(0, 2.5)
     return model
 
 
-def build_torchvision(ours: FasterRCNNVGG16, share: bool) -> TorchvisionFasterRCNN:
-    """torchvision's FasterRCNN with ``ours``'s VGG16 weights: the same modules if ``share``, else copies."""
+def calibrated_resnet_state_dict(backbone: str, seed: int) -> dict:
+    """torchvision's randomly initialised ResNet whose BatchNorm statistics were measured on random images
+    (an untrained network with identity BatchNorm grows its activations ~1e4-fold by layer3)."""
+    torch.manual_seed(seed)
+    net = getattr(torchvision.models, backbone)(weights=None)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # a cumulative average over the calibration batches
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.randn(4, 3, 160, 160))
+    return net.state_dict()
+
+
+def load_resnet(model: FasterRCNNResNet, state: dict) -> None:
+    """Load a torchvision ResNet state dict into our C4 model's extractor (conv1 ... layer3) and head body
+    (layer4); BatchNorm's ``num_batches_tracked`` has no place in the frozen BatchNorm."""
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    parts = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+    model.extractor.load_state_dict({f"{parts.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v
+                                     for k, v in state.items() if k.split(".")[0] in parts})
+    model.head.top.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
+                                    if k.startswith("layer4.")})
+
+
+def build_torchvision(ours: FasterRCNN, share: bool) -> TorchvisionFasterRCNN:
+    """torchvision's FasterRCNN with ``ours``'s backbone and head weights: the same modules if ``share``, else
+    copies. VGG16: fc6/fc7 on RoIPool 7x7; ResNet C4: layer4 and average pooling on RoIPool 14x14."""
     take = (lambda m: m) if share else copy.deepcopy
     backbone = take(ours.extractor)
-    backbone.out_channels = 512
-    box_head = nn.Sequential(nn.Flatten(1), take(ours.head.classifier))  # (R, 512, 7, 7) -> (R, 4096)
-    predictor = FastRCNNPredictor(4096, N_FG_CLASS + 1)
+    if ours.arch["name"] == "vgg16":
+        backbone.out_channels = 512
+        box_head = nn.Sequential(nn.Flatten(1), take(ours.head.classifier))  # (R, 512, 7, 7) -> (R, 4096)
+        roi_pool, features, rpn_head = RoIPoolAdapter(7, 1 / 16), 4096, None
+    else:  # the C4 layout: (R, 1024, 14, 14) -> layer4 -> (R, 2048, 7, 7) -> (R, 2048)
+        backbone.out_channels = 1024
+        box_head = nn.Sequential(take(ours.head.top), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        roi_pool, features = RoIPoolAdapter(14, 1 / 16), 2048
+        rpn_head = RPNHead(1024, 9)
+        rpn_head.conv = nn.Sequential(Conv2dNormActivation(1024, 512, kernel_size=3, norm_layer=None))
+        rpn_head.cls_logits, rpn_head.bbox_pred = nn.Conv2d(512, 9, 1), nn.Conv2d(512, 36, 1)
+    predictor = FastRCNNPredictor(features, N_FG_CLASS + 1)
     predictor.cls_score.load_state_dict(ours.head.score.state_dict())
     predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
     return TorchvisionFasterRCNN(
@@ -112,10 +177,11 @@ def build_torchvision(ours: FasterRCNNVGG16, share: bool) -> TorchvisionFasterRC
         min_size=600,
         max_size=1000,
         rpn_anchor_generator=AnchorGenerator(sizes=((128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),)),
+        rpn_head=rpn_head,
         rpn_pre_nms_top_n_test=6000,
         rpn_post_nms_top_n_test=300,
         rpn_nms_thresh=0.7,
-        box_roi_pool=RoIPoolAdapter(7, 1 / 16),
+        box_roi_pool=roi_pool,
         box_head=box_head,
         box_predictor=predictor,
         box_score_thresh=0.05,
@@ -132,22 +198,39 @@ def photo(height: int, width: int) -> np.ndarray:
 
 
 class Inputs:
-    """The image in the form each model takes, on ``device``."""
+    """``batch`` copies of the image in the form each model takes, on ``device``, and whether to run under
+    ``--amp``'s autocast."""
 
-    def __init__(self, raw: np.ndarray, device: torch.device):
-        self.raw = raw
-        self.size = raw.shape[1:]
-        self.pre = torch.from_numpy(preprocess(raw, 600, 1000, "torchvision")).to(device)
-        self.tv = (torch.from_numpy(raw) / 255).to(device)
+    def __init__(self, raw: np.ndarray, device: torch.device, batch: int = 1, amp: bool = False):
+        self.raw, self.device, self.amp = raw, device, amp
+        self.sizes = [raw.shape[1:]] * batch
+        pre = torch.from_numpy(preprocess(raw, 600, 1000, "torchvision")).to(device)
+        self.pre = [pre] * batch
+        self.tv = [(torch.from_numpy(raw) / 255).to(device)] * batch
 
 
 def run_ours(model, inputs: Inputs):
-    return model.predict([inputs.pre], [inputs.size])
+    with autocast(inputs.device, inputs.amp):
+        return model.predict(inputs.pre, inputs.sizes, batch_size=len(inputs.pre))
 
 
 def run_torchvision(model, inputs: Inputs):
-    with torch.no_grad():
-        return model([inputs.tv])
+    with torch.no_grad(), autocast(inputs.device, inputs.amp):
+        return model(inputs.tv)
+
+
+def run_ours_blas_fc(model, inputs: Inputs):
+    """``run_ours`` with fc6/fc7 on PyTorch's default BLAS (``cpu_linear.backend('native')``)."""
+    with cpu_linear.backend("native"):
+        return run_ours(model, inputs)
+
+
+def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN:
+    """A copy of torchvision's model with its box head's fc6/fc7 on oneDNN, as any of its users can do in one
+    line (``torch.utils.mkldnn.to_mkldnn``, inference only): the same kernel as our fc6/fc7 on AMD CPUs."""
+    model = copy.deepcopy(model)
+    model.roi_heads.box_head = torch.utils.mkldnn.to_mkldnn(model.roi_heads.box_head)
+    return model
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -162,8 +245,10 @@ def timed(fn, device: torch.device) -> tuple[float, object]:
 
 def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> tuple[dict[str, int], list[LayerCall]]:
     """FLOPs (multiply-add = 2) of one ``predict``: extractor convs, RPN convs, head linears (from forward
-    hooks), the number of RoIs the head saw, and the layer calls themselves (for the floor)."""
-    calls = record_layer_calls(model, lambda: run_ours(model, inputs))
+    hooks), the number of RoIs the head saw, and the layer calls themselves (for the floor). Recorded with
+    ``cpu_linear.backend('native')``: fc6/fc7 on oneDNN bypass their modules' hooks."""
+    with cpu_linear.backend("native"):
+        calls = record_layer_calls(model, lambda: run_ours(model, inputs))
     flops = {part: sum(c.flops for c in calls if c.path.split(".")[0] == part)
              for part in ("extractor", "rpn", "head")}
     flops["n_roi"] = next(c.input_shape[0] for c in calls if c.module is model.head.score)
@@ -177,18 +262,18 @@ def _proc_status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(which: str, threads: int, memory_format: str) -> None:
-    """In a fresh process: build one model in ``memory_format``, reset the peak RSS, infer twice, print the
-    peaks as JSON."""
-    torch.set_num_threads(threads)
-    ours = build_ours(seed=0)
+def memory_child(which: str, args) -> None:
+    """In a fresh process: build one model in ``args.memory_format``, reset the peak RSS, infer twice, print
+    the peaks as JSON."""
+    torch.set_num_threads(args.threads)
+    ours = build_ours(seed=0, backbone=args.backbone)
     if which == "ours":
         model, run = ours, run_ours
     else:
         model, run = build_torchvision(ours, share=True), run_torchvision
         del ours  # its RPN only; the backbone and fc layers now belong to torchvision's model
-    model.to(memory_format=FORMATS[memory_format])
-    inputs = Inputs(photo(600, 800), torch.device("cpu"))
+    model.to(memory_format=FORMATS[args.memory_format])
+    inputs = Inputs(photo(600, 800), torch.device("cpu"), args.batch_size, args.amp)
     loaded_kb = _proc_status_kb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     for _ in range(2):
@@ -197,12 +282,13 @@ def memory_child(which: str, threads: int, memory_format: str) -> None:
     print(json.dumps({"loaded_mb": loaded_kb / 1024, "peak_mb": peak_kb / 1024}))
 
 
-def cpu_peak_memory(threads: int, memory_format: str) -> dict[str, dict]:
+def cpu_peak_memory(args, memory_format: str) -> dict[str, dict]:
     result = {}
     for which in ("ours", "torchvision"):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", which, "--threads", str(threads),
-             "--memory-format", memory_format],
+            [sys.executable, __file__, "--memory-child", which, "--threads", str(args.threads),
+             "--memory-format", memory_format, "--backbone", args.backbone, "--batch-size",
+             str(args.batch_size)] + (["--amp"] if args.amp else []),
             check=True, capture_output=True, text=True,
         )
         result[which] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -229,23 +315,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backbone", default="vgg16", choices=("vgg16", "resnet101"),
+                        help="VGG16 (the original) or ResNet-101 in the C4 layout, for both models")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per call, for both (default 1)")
+    parser.add_argument("--amp", action="store_true",
+                        help="both models under torch.autocast: bfloat16 on the CPU, float16 on CUDA")
     parser.add_argument("--memory-format", default="auto", choices=("auto", *FORMATS),
                         help="the headline's format, for both models (default auto: "
                              "utils.memory_format.choose_memory_format's choice for inference)")
+    parser.add_argument("--json", help="also write the headline's figures to this JSON file (bench/gpu.sh)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of ours")
     parser.add_argument("--memory-child", choices=("ours", "torchvision"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        memory_child(args.memory_child, args.threads, args.memory_format)
+        memory_child(args.memory_child, args)
         return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
-    ours = build_ours(seed=0)
+    ours = build_ours(seed=0, backbone=args.backbone)
+    precision = f"autocast {autocast_dtype(device)}".replace("torch.", "") if args.amp else "float32"
     print(f"device {device}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"threads {torch.get_num_threads()}, image {height}x{width} (chelsea), random init; "
-          f"CPU {cpu_text()}")
+          f"threads {torch.get_num_threads()}, {args.backbone}, {precision}, batch {args.batch_size} x image "
+          f"{height}x{width} (chelsea), random init; CPU {cpu_text()}")
     headline = format_name(choose_memory_format(ours.to(device), "inference", (height, width),
                                                 setting=args.memory_format))
     models = {}
@@ -254,19 +347,26 @@ def main() -> None:
         models[("ours", fmt)] = (model.to(device).to(memory_format=memory_format), run_ours)
         tv = build_torchvision(ours, share=False).to(device).to(memory_format=memory_format)
         models[("torchvision", fmt)] = (tv, run_torchvision)
-    inputs = Inputs(photo(height, width), device)
+    # beside the headline: the fully connected layers on one kernel for both (CPU, float32, VGG16)
+    side_by_side = device.type == "cpu" and not args.amp and args.backbone == "vgg16"
+    if side_by_side:
+        models["ours, fc on BLAS", headline] = (models["ours", headline][0], run_ours_blas_fc)
+        models["tv, fc on oneDNN", headline] = (torchvision_onednn_fc(models["torchvision", headline][0]),
+                                                run_torchvision)
+    inputs = Inputs(photo(height, width), device, args.batch_size, args.amp)
 
     n_det = {}
     for (who, fmt), (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
         out = run(model, inputs)
-        n_det[who, fmt] = len(out[1][0]) if who == "ours" else len(out[0]["labels"])
-    flops, calls = count_flops(models["ours", headline][0], inputs)
-    meter = FloorMeter(calls, device)
+        n_det[who, fmt] = len(out[1][0]) if who.startswith("ours") else len(out[0]["labels"])
+    # the FLOP floor is a float32 one: under --amp it is not measured
+    flops, calls = count_flops(models["ours", headline][0], inputs) if not args.amp else (None, [])
+    meter = FloorMeter(calls, device) if not args.amp else None
     times = {key: [] for key in models}
     for rep in range(args.reps):
         for key, (model, run) in models.items():
             times[key].append(timed(lambda model=model, run=run: run(model, inputs), device)[0])
-        if rep in floor_passes(args.reps):
+        if meter is not None and rep in floor_passes(args.reps):
             meter.measure()
     median = {key: statistics.median(t) for key, t in times.items()}
     cpu = torch.device("cpu")
@@ -277,8 +377,8 @@ def main() -> None:
     for (who, fmt), t in median.items():
         spread = f"min {min(times[who, fmt]):.3f} max {max(times[who, fmt]):.3f}"
         print(f"{who + ', ' + fmt:26s} {t:.3f} s median of {args.reps} ({spread}), "
-              f"{n_det[who, fmt]} detections")
-    print(f"{'ours: preprocess (CPU)':26s} {pre_time:.3f} s")
+              f"{args.batch_size / t:.2f} img/s, {n_det[who, fmt]} detections in the first image")
+    print(f"{'ours: preprocess (CPU)':26s} {pre_time:.3f} s per image")
     for fmt in FORMATS:
         mark = "  <- headline" if fmt == headline else ""
         print(f"ratio ours / torchvision, both {fmt + ':':14s} "
@@ -288,29 +388,41 @@ def main() -> None:
     why = ("the format utils.memory_format.choose_memory_format picks for inference on this machine"
            if args.memory_format == "auto" else "forced by --memory-format")
     print(f"HEADLINE ours / torchvision, both {headline} ({why}): {ratio:.3f} (target <= 0.85)")
-    ratio = (median["ours", headline] + pre_time) / median["torchvision", headline]
+    ratio = (median["ours", headline] + args.batch_size * pre_time) / median["torchvision", headline]
     print(f"ratio ours + preprocess / torchvision ({headline}): {ratio:.3f}")
-    total_flops = flops["extractor"] + flops["rpn"] + flops["head"]
-    print(f"FLOPs: extractor {flops['extractor'] / 1e9:.1f} G, RPN {flops['rpn'] / 1e9:.1f} G, head "
-          f"{flops['head'] / 1e9:.1f} G for {flops['n_roi']} RoIs")
-    print(meter.summary(total_flops))
-    floor = total_flops / meter.peak().rate
-    for who in ("ours", "torchvision"):
-        target = 1.15 if who == "ours" else None
-        print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
-    print(meter.alone_ratio_text("ours", median["ours", headline], headline))
+    if side_by_side:
+        onednn = cpu_linear.use_onednn(torch.zeros(1, 1), torch.zeros(1, 1))
+        kernel = "oneDNN" if onednn else "the default BLAS"
+        same_kernel = median["ours", headline] / median["tv, fc on oneDNN", headline]
+        blas = median["ours, fc on BLAS", headline] / median["torchvision", headline]
+        print(f"beside the headline, fc6/fc7 on one kernel for both ({headline}; ours runs them on {kernel} "
+              f"here): ours / torchvision with fc6/fc7 on oneDNN (to_mkldnn) {same_kernel:.3f}; ours with "
+              f"fc6/fc7 on the default BLAS / torchvision {blas:.3f}")
+    if meter is not None:
+        total_flops = flops["extractor"] + flops["rpn"] + flops["head"]
+        print(f"FLOPs: extractor {flops['extractor'] / 1e9:.1f} G, RPN {flops['rpn'] / 1e9:.1f} G, head "
+              f"{flops['head'] / 1e9:.1f} G for {flops['n_roi']} RoIs")
+        print(meter.summary(total_flops))
+        floor = total_flops / meter.peak().rate
+        for who in ("ours", "torchvision"):
+            target = 1.15 if who == "ours" else None
+            print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
+        print(meter.alone_ratio_text("ours", median["ours", headline], headline))
+    peak = {}
     if device.type == "cuda":
-        for (who, fmt), t in median.items():
-            print(f"{who + ', ' + fmt:26s} {1 / t:.1f} fps")
-        for (who, fmt), mb in cuda_peak_memory(models, inputs, device).items():
-            print(f"{who + ', ' + fmt:26s} peak CUDA memory {mb:.0f} MiB (torch.cuda.max_memory_allocated)")
+        for (who, fmt), mib in cuda_peak_memory(models, inputs, device).items():
+            peak[who, fmt] = mib
+            print(f"{who + ', ' + fmt:26s} peak CUDA memory {mib:.0f} MiB (torch.cuda.max_memory_allocated)")
     else:
-        memory = cpu_peak_memory(args.threads, headline)
+        memory = cpu_peak_memory(args, headline)
         for name, m in memory.items():
+            peak[name, headline] = m["peak_mb"]
             print(f"{name + ', ' + headline:26s} peak RSS during inference {m['peak_mb']:.0f} MiB "
                   f"(loaded model {m['loaded_mb']:.0f} MiB; fresh process, VmHWM)")
         ratio = memory["ours"]["peak_mb"] / memory["torchvision"]["peak_mb"]
         print(f"peak memory ours / torchvision ({headline}): {ratio:.3f} (target <= 1)")
+    if args.json:
+        write_json(args.json, "inference", args, device, headline, median, peak)
 
     if args.profile:
         from torch.profiler import profile
@@ -318,6 +430,17 @@ def main() -> None:
         with profile() as prof:
             run_ours(models["ours", headline][0], inputs)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def write_json(path, bench: str, args, device: torch.device, headline: str, median: dict, peak: dict) -> None:
+    """The headline's figures of one run (``bench/gpu_table.py`` reads them)."""
+    record = {"bench": bench, "device": str(device), "amp": bool(args.amp), "batch_size": args.batch_size,
+              "backbone": getattr(args, "backbone", "vgg16"), "memory_format": headline}
+    for who in ("ours", "torchvision"):
+        seconds = median[who, headline]
+        record[who] = {"seconds": seconds, "images_per_second": args.batch_size / seconds,
+                       "peak_memory_mib": peak.get((who, headline))}
+    Path(path).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ same VGG16, and the toy job's time to mAP 0.9.
    ``channels_last``, ``model.to(memory_format=...)``), so each ratio compares them in the same format; the
    headline is the format ``utils.memory_format.choose_memory_format`` picks for training on this machine
    (cached per machine; ``--memory-format`` forces it), applied to both. Repetitions interleave the models;
-   medians are reported, and the ratios (target <= 0.85).
+   medians are reported, and the ratios (target <= 0.85). On AMD CPUs our fc6/fc7 run on oneDNN, 2x
+   faster there than the default BLAS torchvision's run on (``model/utils/cpu_linear.py``); no switch of
+   torchvision's does that for training, and beside the headline ours is timed with fc6/fc7 on the default
+   BLAS too.
    The FLOP floor of the step (``bench/floor.py``): the FLOPs of every convolution and linear layer of ours,
    forward, plus backward twice the forward where both the weight and the input need a gradient and once
    where only one does (conv3_1 has no input gradient: conv1/conv2 are frozen), divided by the best fp32 rate
@@ -28,8 +31,14 @@ same VGG16, and the toy job's time to mAP 0.9.
 3. ``--device cuda``: images/s and peak memory (``torch.cuda.max_memory_allocated``) of VOC-size training
    steps (600x1000) for both models. Targets on an H100: >= 20 img/s, <= 3 GB.
 
-Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda]
-[--memory-format auto|channels_last|contiguous] [--skip-toy] [--toy-only] [--profile]``
+``--batch-size=N`` (N copies of the photo per step) and ``--amp`` (both models under ``torch.autocast``:
+bfloat16 on the CPU; float16 with a ``GradScaler`` on CUDA, as torchvision's detection reference trains
+with ``--amp``; the toy job with ``train.py --amp``) apply to both alike; the FLOP floor, a float32 one, is
+not measured under ``--amp``. ``--json PATH`` writes the headline's figures for ``bench/gpu.sh``.
+
+Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda] [--batch-size 1]
+[--amp] [--memory-format auto|channels_last|contiguous] [--json PATH] [--skip-toy] [--toy-only]
+[--profile]``
 """
 
 import argparse
@@ -55,10 +64,12 @@ from bench.floor import (  # noqa: E402
     floor_ratio_text,
     record_layer_calls,
 )
-from bench.inference import build_ours, build_torchvision, format_name, photo  # noqa: E402
+from bench.inference import build_ours, build_torchvision, format_name, photo, write_json  # noqa: E402
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
+from model.utils import cpu_linear  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
+from utils.amp import autocast, autocast_dtype, grad_scaler  # noqa: E402
 from utils.memory_format import choose_memory_format  # noqa: E402
 
 # Ground truth of the benchmark image, (y_min, x_min, y_max, x_max) in 600x800 pixels, and fg labels.
@@ -67,19 +78,29 @@ LABEL = np.array([7, 11, 14], dtype=np.int32)
 
 
 class OursStep:
-    """One training step of our trainer on the preprocessed image."""
+    """One training step of our trainer on ``batch`` copies of the preprocessed image."""
 
-    def __init__(self, raw: np.ndarray, device: torch.device, memory_format: torch.memory_format):
+    def __init__(self, raw: np.ndarray, device: torch.device, memory_format: torch.memory_format,
+                 batch: int = 1, amp: bool = False):
         model = build_ours(seed=0).train().to(device).to(memory_format=memory_format)
-        self.trainer = FasterRCNNTrainer(model, seed=0)
+        self.trainer = FasterRCNNTrainer(model, seed=0, amp=amp)
         img = preprocess(raw, 600, 1000, "torchvision")
-        self.img = torch.from_numpy(img)[None].to(device)
-        self.scale = img.shape[1] / raw.shape[1]
-        self.bbox = torch.from_numpy(BBOX * self.scale)[None]
-        self.label = torch.from_numpy(LABEL)[None]
+        self.img = torch.from_numpy(img)[None].expand(batch, -1, -1, -1).contiguous().to(device)
+        self.scale = [img.shape[1] / raw.shape[1]] * batch
+        self.bbox = [BBOX * self.scale[0]] * batch
+        self.label = [LABEL] * batch
 
     def __call__(self):
         return self.trainer.train_step(self.img, self.bbox, self.label, self.scale)
+
+
+class OursBlasFcStep(OursStep):
+    """:class:`OursStep` with fc6/fc7 on PyTorch's default BLAS (``cpu_linear.backend('native')``), as
+    torchvision's run: reported beside the headline, where ours runs them on oneDNN (AMD CPUs)."""
+
+    def __call__(self):
+        with cpu_linear.backend("native"):
+            return super().__call__()
 
 
 class TorchvisionStep:
@@ -91,7 +112,7 @@ class TorchvisionStep:
     """
 
     def __init__(self, raw: np.ndarray, device: torch.device, memory_format: torch.memory_format,
-                 reference_sgd: bool = False):
+                 reference_sgd: bool = False, batch: int = 1, amp: bool = False):
         model = build_torchvision(build_ours(seed=0), share=False)
         model.rpn._pre_nms_top_n["training"] = 12000
         model.rpn._post_nms_top_n["training"] = 2000
@@ -105,56 +126,71 @@ class TorchvisionStep:
             self.optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=5e-4)
         else:
             self.optimizer = get_optimizer(self.model)
-        self.img = [(torch.from_numpy(raw) / 255).to(device)]
+        self.img = [(torch.from_numpy(raw) / 255).to(device)] * batch
         boxes = torch.from_numpy(BBOX[:, [1, 0, 3, 2]])  # (y_min, x_min, ...) -> (x_min, y_min, ...)
-        self.targets = [{"boxes": boxes.to(device), "labels": torch.from_numpy(LABEL + 1).long().to(device)}]
+        self.targets = [{"boxes": boxes.to(device),
+                         "labels": torch.from_numpy(LABEL + 1).long().to(device)}] * batch
+        # mixed precision as torchvision's detection reference does it: autocast, and a GradScaler on CUDA
+        self.device, self.amp, self.scaler = device, amp, grad_scaler(device, amp)
 
     def __call__(self):
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.model(self.img, self.targets)
+        with autocast(self.device, self.amp):
+            losses = self.model(self.img, self.targets)
         total = sum(losses.values())
-        total.backward()
-        self.optimizer.step()
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         return total
 
 
 def training_flops(step: OursStep) -> tuple[int, int, list[LayerCall]]:
     """``(forward, backward)`` FLOPs (multiply-add = 2) of the convolutions and linear layers of one step of
     ours, and the layer calls (for the floor); each backward product (weight gradient, input gradient) that
-    autograd computes costs the forward's."""
-    calls = record_layer_calls(step.trainer.faster_rcnn, step)
+    autograd computes costs the forward's. Recorded with ``cpu_linear.backend('native')``: fc6/fc7 on oneDNN
+    bypass their modules' hooks."""
+    with cpu_linear.backend("native"):
+        calls = record_layer_calls(step.trainer.faster_rcnn, step)
     return sum(c.flops for c in calls), sum(c.backward_flops for c in calls), calls
 
 
 def vgg16_steps(args, device: torch.device) -> None:
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
     raw = photo(height, width)
+    precision = f"autocast {autocast_dtype(device)}".replace("torch.", "") if args.amp else "float32"
     print(f"VGG16 training step: device {device}, torch {torch.__version__}, torchvision "
-          f"{torchvision.__version__}, threads {torch.get_num_threads()}, image {height}x{width} (chelsea), "
-          f"{len(BBOX)} boxes, random init; CPU {cpu_text()}")
+          f"{torchvision.__version__}, threads {torch.get_num_threads()}, {precision}, batch "
+          f"{args.batch_size} x image {height}x{width} (chelsea), {len(BBOX)} boxes, random init; CPU "
+          f"{cpu_text()}")
     probe_model = build_ours(seed=0).train().to(device)
     headline = format_name(choose_memory_format(probe_model, "training", (height, width),
                                                 setting=args.memory_format))
     del probe_model
     steps = {}
+    batch, amp = args.batch_size, args.amp
     for fmt, memory_format in FORMATS.items():
-        steps["ours", fmt] = OursStep(raw, device, memory_format)
-        steps["torchvision", fmt] = TorchvisionStep(raw, device, memory_format)
-    steps["tv, ref. SGD", headline] = TorchvisionStep(raw, device, FORMATS[headline], reference_sgd=True)
+        steps["ours", fmt] = OursStep(raw, device, memory_format, batch, amp)
+        steps["torchvision", fmt] = TorchvisionStep(raw, device, memory_format, batch=batch, amp=amp)
+    steps["tv, ref. SGD", headline] = TorchvisionStep(raw, device, FORMATS[headline], reference_sgd=True,
+                                                      batch=batch, amp=amp)
+    blas_fc = device.type == "cpu" and not amp  # beside the headline: fc6/fc7 on one kernel for both
+    if blas_fc:
+        steps["ours, fc on BLAS", headline] = OursBlasFcStep(raw, device, FORMATS[headline], batch, amp)
     for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
         step()
-    forward, backward, calls = training_flops(steps["ours", headline])
-    meter = FloorMeter(calls, device)
+    # the FLOP floor is a float32 one: under --amp it is not measured
+    forward, backward, calls = training_flops(steps["ours", headline]) if not amp else (0, 0, [])
+    meter = FloorMeter(calls, device) if not amp else None
     times = {key: [] for key in steps}
     for rep in range(args.reps):
         for key, step in steps.items():
             times[key].append(timed(step, device))
-        if rep in floor_passes(args.reps):
+        if meter is not None and rep in floor_passes(args.reps):
             meter.measure()
     median = {key: statistics.median(t) for key, t in times.items()}
     for (who, fmt), t in median.items():
         print(f"{who + ', ' + fmt:27s} {t:.3f} s/step median of {args.reps} (min {min(times[who, fmt]):.3f} "
-              f"max {max(times[who, fmt]):.3f}), {1 / t:.2f} img/s")
+              f"max {max(times[who, fmt]):.3f}), {batch / t:.2f} img/s")
     for fmt in FORMATS:
         mark = "  <- headline" if fmt == headline else ""
         print(f"ratio ours / torchvision, both {fmt + ':':14s} "
@@ -167,23 +203,32 @@ def vgg16_steps(args, device: torch.device) -> None:
           "optimizer, our fused SGD, for both)")
     print(f"ratio ours / torchvision with its reference recipe's SGD ({headline}): "
           f"{median['ours', headline] / median['tv, ref. SGD', headline]:.3f} (for information)")
-    print(f"FLOPs of a step (convolutions and linear layers): forward {forward / 1e9:.0f} G, backward "
-          f"{backward / 1e9:.0f} G")
-    print(meter.summary(forward + backward))
-    floor = (forward + backward) / meter.peak().rate
-    for who in ("ours", "torchvision"):
-        target = 1.15 if who == "ours" else None
-        print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
-    print(meter.alone_ratio_text("ours", median["ours", headline], headline))
+    if blas_fc:
+        onednn = cpu_linear.use_onednn(torch.zeros(1, 1), torch.zeros(1, 1))
+        print(f"beside the headline, ours with fc6/fc7 on the default BLAS as torchvision's ({headline}; "
+              f"ours runs them on {'oneDNN' if onednn else 'the default BLAS'} here): "
+              f"{median['ours, fc on BLAS', headline] / median['torchvision', headline]:.3f}")
+    if meter is not None:
+        print(f"FLOPs of a step (convolutions and linear layers): forward {forward / 1e9:.0f} G, backward "
+              f"{backward / 1e9:.0f} G")
+        print(meter.summary(forward + backward))
+        floor = (forward + backward) / meter.peak().rate
+        for who in ("ours", "torchvision"):
+            target = 1.15 if who == "ours" else None
+            print(floor_ratio_text(f"{who} ({headline})", median[who, headline], floor, target))
+        print(meter.alone_ratio_text("ours", median["ours", headline], headline))
+    peak = {}
     if device.type == "cuda":
         for (who, fmt), step in steps.items():
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             torch.cuda.synchronize(device)
-            mib = torch.cuda.max_memory_allocated(device) / 2**20
+            peak[who, fmt] = mib = torch.cuda.max_memory_allocated(device) / 2**20
             print(f"{who + ', ' + fmt:27s} peak CUDA memory {mib:.0f} MiB (torch.cuda.max_memory_allocated, "
                   "one training step)")
+    if args.json:
+        write_json(args.json, "train", args, device, headline, median, peak)
     if args.profile:
         from torch.profiler import profile
 
@@ -198,7 +243,7 @@ def toy_time_to_map(args) -> None:
 
     with tempfile.TemporaryDirectory() as save_dir:
         start = time.time()
-        best = train(data="toy", save_dir=save_dir, run_name="bench", device=args.device)
+        best = train(data="toy", save_dir=save_dir, run_name="bench", device=args.device, amp=args.amp)
         total = time.time() - start
         history = [json.loads(line) for line in (Path(save_dir) / "bench" / "history.jsonl").open()]
     maps = [h for h in history if h["name"] == "test_map"]
@@ -222,6 +267,11 @@ def main() -> None:
     parser.add_argument("--memory-format", default="auto", choices=("auto", *FORMATS),
                         help="the headline's format, for both models (default auto: "
                              "utils.memory_format.choose_memory_format's choice for training)")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per step, for both (default 1)")
+    parser.add_argument("--amp", action="store_true",
+                        help="both under torch.autocast (bfloat16 on the CPU; float16 and a GradScaler on "
+                             "CUDA); the toy job with --amp")
+    parser.add_argument("--json", help="also write the headline's figures to this JSON file (bench/gpu.sh)")
     parser.add_argument("--skip-toy", action="store_true", help="only the VGG16 step comparison")
     parser.add_argument("--toy-only", action="store_true", help="only the toy time to mAP")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
