@@ -231,23 +231,28 @@ def roi_pool_forward_cpu(x: torch.Tensor, rois: torch.Tensor, outh: int, outw: i
         floating dtype: both are pooled in float32); ``with_argmax=False`` skips the argmax (inference).
 
     Returns:
-        ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
-        None), on the CPU.
+        ``(y, argmax)``: ``(R, C, OH, OW)`` of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or None), on the
+        CPU, both in ``x``'s memory format (channels-last for a channels-last ``x``, else contiguous).
     """
     if x.dtype in _HALF_DTYPES:
         y, argmax = roi_pool_forward_cpu(x.float(), rois.float(), outh, outw, spatial_scale, with_argmax)
         return y.to(x.dtype), argmax
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     if _forward_nhwc_cython is None:
-        return roi_pool_forward_torch(x, rois, outh, outw, spatial_scale, with_argmax)
-    x_nhwc = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
-    shape = (rois.shape[0], outh, outw, x.shape[1])  # (R, OH, OW, C)
-    y = x.new_empty(shape)
-    argmax = torch.empty(shape if with_argmax else (0, 0, 0, 0), dtype=torch.int32)
-    _forward_nhwc_cython(x_nhwc.numpy(), rois.detach().contiguous().numpy(), outh, outw, spatial_scale,
-                         y.numpy(), argmax.numpy(), with_argmax)
-    # (R, OH, OW, C) -> (R, C, OH, OW)
-    y = y.permute(0, 3, 1, 2).contiguous()
-    return y, argmax.permute(0, 3, 1, 2).contiguous() if with_argmax else None
+        y, argmax = roi_pool_forward_torch(x, rois, outh, outw, spatial_scale, with_argmax)
+    else:
+        x_nhwc = x.detach().permute(0, 2, 3, 1).contiguous()  # (N, C, H, W) -> (N, H, W, C)
+        shape = (rois.shape[0], outh, outw, x.shape[1])  # (R, OH, OW, C)
+        y = x.new_empty(shape)
+        argmax = torch.empty(shape if with_argmax else (0, 0, 0, 0), dtype=torch.int32)
+        _forward_nhwc_cython(x_nhwc.numpy(), rois.detach().contiguous().numpy(), outh, outw, spatial_scale,
+                             y.numpy(), argmax.numpy(), with_argmax)
+        # (R, OH, OW, C) -> (R, C, OH, OW) with channels-last strides (no copy)
+        y, argmax = y.permute(0, 3, 1, 2), argmax.permute(0, 3, 1, 2) if with_argmax else None
+    # in the map's memory format: a channels-last model's next layer (ResNet's layer4) takes it as it is
+    y = y.contiguous(memory_format=layout)
+    return y, argmax.contiguous(memory_format=layout) if with_argmax else None
 
 
 @_one_thread()
@@ -266,8 +271,8 @@ def roi_pool_forward_torch(x: torch.Tensor, rois: torch.Tensor, outh: int, outw:
         floating dtype: both are pooled in float32); ``with_argmax=False`` skips the argmax (inference).
 
     Returns:
-        ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
-        None), on the CPU.
+        ``(y, argmax)``: ``(R, C, OH, OW)`` of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or None), on the
+        CPU, both in ``x``'s memory format (channels-last for a channels-last ``x``, else contiguous).
     """
     if x.dtype in _HALF_DTYPES:
         y, argmax = roi_pool_forward_torch(x.float(), rois.float(), outh, outw, spatial_scale, with_argmax)

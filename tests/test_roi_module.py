@@ -322,7 +322,9 @@ def test_cython_forward_matches_the_torch_twin(dtype, channels):
         y_ref, argmax_ref = roi_pool_forward_torch(x, rois, outh, outw, spatial_scale)
         for xv in (x, x.contiguous(memory_format=torch.channels_last)):
             y, argmax = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale)
-            assert y.is_contiguous() and argmax.is_contiguous() and y.dtype == dtype
+            layout = torch.channels_last if xv is not x else torch.contiguous_format  # the map's format
+            assert y.is_contiguous(memory_format=layout) and argmax.is_contiguous(memory_format=layout)
+            assert y.dtype == dtype
             torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
             torch.testing.assert_close(argmax, argmax_ref, rtol=0, atol=0)
             y_only, none = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale, with_argmax=False)
@@ -377,7 +379,8 @@ def test_half_forward_is_the_float32_forward_of_the_same_values(dtype, outh, out
     y_tv32, argmax_tv32 = torchvision_roi_pool(x.float(), rois, outh, outw, spatial_scale)
     for xv in (x, x.contiguous(memory_format=torch.channels_last)):
         y, argmax = roi_pool_forward_cpu(xv, rois, outh, outw, spatial_scale)
-        assert y.dtype == dtype and y.is_contiguous() and argmax.dtype == torch.int32
+        layout = torch.channels_last if xv is not x else torch.contiguous_format  # the map's format
+        assert y.dtype == dtype and y.is_contiguous(memory_format=layout) and argmax.dtype == torch.int32
         assert torch.equal(y.float(), y32) and torch.equal(argmax, argmax32)
         assert torch.equal(y.float(), y_tv32) and torch.equal(argmax, argmax_tv32)
         assert torch.equal(roi_pool_forward_torch(xv, rois, outh, outw, spatial_scale)[0], y)
