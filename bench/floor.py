@@ -141,7 +141,7 @@ def record_layer_calls(model: nn.Module, run: Callable[[], object]) -> list[Laye
     return calls
 
 
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
     """Seconds of one call (synchronised on CUDA) and its result."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -208,12 +208,12 @@ class _LayerBench:
                 return m._conv_forward(x, weight, bias) if conv else F.linear(x, weight, bias)
 
         for _ in range(1 if self.warm else 2):  # the first pass runs once untimed: oneDNN primitive creation
-            seconds, out = _timed(forward, self.device)
+            seconds, out = timed(forward, self.device)
             if self.warm:
                 self.forward.update(seconds)
             if self.backward is not None:
                 grad_out = torch.ones_like(out)
-                seconds, _ = _timed(lambda o=out, g=grad_out: torch.autograd.grad(o, needed, g), self.device)
+                seconds, _ = timed(lambda o=out, g=grad_out: torch.autograd.grad(o, needed, g), self.device)
                 if self.warm:
                     self.backward.update(seconds)
             self.warm = True
@@ -234,7 +234,7 @@ class _MatmulBench:
         a = torch.rand(self.n, self.n, device=self.device)
         b = torch.rand(self.n, self.n, device=self.device)
         for _ in range(1 if self.warm else 2):
-            seconds, _ = _timed(lambda: a @ b, self.device)
+            seconds, _ = timed(lambda: a @ b, self.device)
             if self.warm:
                 self.candidate.update(seconds)
             self.warm = True

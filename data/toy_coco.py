@@ -35,11 +35,17 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 
 from PIL import Image
 
-from data.toy_dataset import GENERATOR_VERSION, TOY_LABEL_NAMES, ToyParams, ensure_toy_voc
+from data.toy_dataset import (
+    GENERATOR_VERSION,
+    TOY_LABEL_NAMES,
+    ToyParams,
+    ensure_toy_voc,
+    manifest_matches,
+    replace_tree,
+)
 from data.voc_dataset import VOCBboxDataset
 
 __all__ = ["TOY_COCO_CATEGORY_IDS", "TOY_COCO_SPLITS", "COCO_GENERATOR_VERSION", "voc_split_to_coco",
@@ -166,12 +172,7 @@ def is_complete_toy_coco(root: str | os.PathLike, **params) -> bool:
     image it lists (present, not empty; not decoded)."""
     p = ToyParams(**params)
     root = os.fspath(root)
-    try:
-        with open(os.path.join(root, MANIFEST_NAME)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if manifest != json.loads(json.dumps(_manifest(p))):
+    if not manifest_matches(os.path.join(root, MANIFEST_NAME), _manifest(p)):
         return False
     for split, n_images in zip(TOY_COCO_SPLITS, (p.n_trainval, p.n_test), strict=True):
         try:
@@ -218,21 +219,5 @@ def ensure_toy_coco(root: str | os.PathLike, voc_root: str | os.PathLike | None 
                                   "refusing to overwrite it")
     parent, name = os.path.split(os.path.abspath(root))
     voc_root = ensure_toy_voc(os.path.join(parent, f"{name}_voc") if voc_root is None else voc_root, **params)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    old = None
-    try:
-        generate_toy_coco(tmp, voc_root, **params)
-        if os.path.exists(root):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(root, os.path.join(old, name))
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another process put a tree there meanwhile; keep it if it is the one we want.
-            if not is_complete_toy_coco(root, **params):
-                raise
-    finally:
-        for leftover in (tmp, old):
-            if leftover is not None and os.path.exists(leftover):
-                shutil.rmtree(leftover)
-    return root
+    return replace_tree(root, lambda tmp: generate_toy_coco(tmp, voc_root, **params),
+                        lambda path: is_complete_toy_coco(path, **params))

@@ -26,13 +26,15 @@ import os
 import shutil
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
 __all__ = ["TOY_LABEL_NAMES", "GENERATOR_VERSION", "ToyParams", "ToyObject", "render_scene",
-           "render_toy_image", "generate_toy_voc", "ensure_toy_voc", "is_complete_toy_voc"]
+           "render_toy_image", "generate_toy_voc", "ensure_toy_voc", "is_complete_toy_voc",
+           "manifest_matches", "replace_tree"]
 
 TOY_LABEL_NAMES = ("circle", "square", "triangle", "cross", "ring", "star")
 
@@ -437,6 +439,16 @@ def generate_toy_voc(root: str | os.PathLike, **params) -> str:
     return root
 
 
+def manifest_matches(path: str, manifest: dict) -> bool:
+    """Whether the JSON file ``path`` holds ``manifest`` (as JSON stores it); ``False`` if it is missing or
+    unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f) == json.loads(json.dumps(manifest))
+    except (OSError, ValueError):
+        return False
+
+
 def is_complete_toy_voc(root: str | os.PathLike, **params) -> bool:
     """Whether ``root`` holds a finished toy tree made by this generator version with these parameters.
 
@@ -445,12 +457,7 @@ def is_complete_toy_voc(root: str | os.PathLike, **params) -> bool:
     """
     p = ToyParams(**params)
     root = os.fspath(root)
-    try:
-        with open(os.path.join(root, MANIFEST_NAME)) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return False
-    if manifest != json.loads(json.dumps(_manifest(p))):
+    if not manifest_matches(os.path.join(root, MANIFEST_NAME), _manifest(p)):
         return False
     for split, n_images in _split_sizes(p):
         try:
@@ -493,12 +500,22 @@ def ensure_toy_voc(root: str | os.PathLike, **params) -> str:
         if not os.path.isdir(root) or os.listdir(root):
             raise FileExistsError(
                 f"{root} exists and is not a toy data set (no {MANIFEST_NAME}); refusing to overwrite it")
+    return replace_tree(root, lambda tmp: generate_toy_voc(tmp, **params),
+                        lambda path: is_complete_toy_voc(path, **params))
+
+
+def replace_tree(root: str, build: Callable[[str], object], is_complete: Callable[[str], bool]) -> str:
+    """Make the folder ``root`` whole in one step: ``build(tmp)`` writes the tree into a temporary folder
+    beside it, which is then renamed to ``root`` (a tree already there is moved aside first and removed
+    after), so that no reader ever sees half a tree. If another process put a tree at ``root`` meanwhile, it
+    is kept when ``is_complete(root)``; the temporary folders are removed in every case. Returns ``root``.
+    """
     parent, name = os.path.split(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     old = None
     try:
-        generate_toy_voc(tmp, **params)
+        build(tmp)
         if os.path.exists(root):
             old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
             os.rename(root, os.path.join(old, name))
@@ -506,7 +523,7 @@ def ensure_toy_voc(root: str | os.PathLike, **params) -> str:
             os.rename(tmp, root)
         except OSError:
             # Another process put a tree there meanwhile; keep it if it is the one we want.
-            if not is_complete_toy_voc(root, **params):
+            if not is_complete(root):
                 raise
     finally:
         for leftover in (tmp, old):

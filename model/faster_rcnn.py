@@ -25,7 +25,20 @@ from data.sampler import size_batches
 from model.utils.nms import non_maximum_suppression
 from utils.array_tool import tonumpy
 
-__all__ = ["FasterRCNN"]
+__all__ = ["FasterRCNN", "box_predictor"]
+
+
+def box_predictor(n_features: int, n_class: int) -> tuple[nn.Linear, nn.Linear]:
+    """The last layers of an RoI head, ``(cls_loc, score)``: ``(R, n_features)`` -> ``(R, n_class * 4)``
+    per-class offsets and ``(R, n_class)`` class logits, initialised as the original's: weights drawn from
+    N(0, 0.001) and N(0, 0.01), biases 0 (small offsets and near-uniform class scores at the start)."""
+    cls_loc = nn.Linear(n_features, n_class * 4)
+    score = nn.Linear(n_features, n_class)
+    nn.init.normal_(cls_loc.weight, 0, 0.001)
+    nn.init.zeros_(cls_loc.bias)
+    nn.init.normal_(score.weight, 0, 0.01)
+    nn.init.zeros_(score.bias)
+    return cls_loc, score
 
 # name -> (nms_thresh, score_thresh) of the per-class suppression in ``predict``
 _PRESETS = {"visualize": (0.3, 0.7), "evaluate": (0.3, 0.05)}

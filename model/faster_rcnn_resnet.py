@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn import FasterRCNN, box_predictor
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D, roi_table
 from model.utils.pretrained import PretrainedWeightsError, read_state_dict, torchvision_state_dict
@@ -171,12 +171,7 @@ class ResNetRoIHead(nn.Module):
         super().__init__()
         self.top = top
         n_features = top[-1].conv3.out_channels  # 2048
-        self.cls_loc = nn.Linear(n_features, n_class * 4)
-        self.score = nn.Linear(n_features, n_class)
-        nn.init.normal_(self.cls_loc.weight, 0, 0.001)
-        nn.init.zeros_(self.cls_loc.bias)
-        nn.init.normal_(self.score.weight, 0, 0.01)
-        nn.init.zeros_(self.score.bias)
+        self.cls_loc, self.score = box_predictor(n_features, n_class)
         self.n_class = n_class
         self.roi_size = roi_size
         self.spatial_scale = spatial_scale

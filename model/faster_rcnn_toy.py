@@ -19,7 +19,7 @@ a 1x1 convolution, pools each RoI and classifies it with a two-layer MLP.
 import torch
 from torch import nn
 
-from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn import FasterRCNN, box_predictor
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D, roi_table
 
@@ -82,13 +82,7 @@ class ToyRoIHead(nn.Module):
             nn.Linear(fc_channels, fc_channels),
             nn.ReLU(inplace=True),
         )
-        self.cls_loc = nn.Linear(fc_channels, n_class * 4)
-        self.score = nn.Linear(fc_channels, n_class)
-        # as VGG16RoIHead: small offsets and near-uniform class scores at the start
-        nn.init.normal_(self.cls_loc.weight, 0, 0.001)
-        nn.init.zeros_(self.cls_loc.bias)
-        nn.init.normal_(self.score.weight, 0, 0.01)
-        nn.init.zeros_(self.score.bias)
+        self.cls_loc, self.score = box_predictor(fc_channels, n_class)
 
     def forward(self, x: torch.Tensor, rois, roi_indices) -> tuple[torch.Tensor, torch.Tensor]:
         """Classify RoIs and regress their boxes.

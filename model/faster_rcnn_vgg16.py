@@ -22,7 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
-from model.faster_rcnn import FasterRCNN
+from model.faster_rcnn import FasterRCNN, box_predictor
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D, roi_table
 from model.utils import cpu_linear
@@ -131,12 +131,7 @@ class VGG16RoIHead(nn.Module):
     def __init__(self, n_class: int, roi_size: int, spatial_scale: float, classifier: nn.Module):
         super().__init__()
         self.classifier = classifier
-        self.cls_loc = nn.Linear(4096, n_class * 4)
-        self.score = nn.Linear(4096, n_class)
-        nn.init.normal_(self.cls_loc.weight, 0, 0.001)
-        nn.init.zeros_(self.cls_loc.bias)
-        nn.init.normal_(self.score.weight, 0, 0.01)
-        nn.init.zeros_(self.score.bias)
+        self.cls_loc, self.score = box_predictor(4096, n_class)
         self.n_class = n_class
         self.roi_size = roi_size
         self.spatial_scale = spatial_scale
