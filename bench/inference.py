@@ -1,14 +1,16 @@
 """Inference time and memory: our ``FasterRCNNVGG16`` against torchvision's ``FasterRCNN`` on the same VGG16
-(or both on the same ResNet-101 in the C4 layout, ``--backbone=resnet101``).
+(or both on the same ResNet-50/101 in the C4 layout, ``--backbone=resnet101``).
 
 Both models are randomly initialised (no ImageNet weights are available offline) with the *same* VGG16
 weights: torchvision's model gets copies of our extractor (conv1_1 ... relu5_3, 512 channels), fc6/fc7 and
-class/box layers; only its RPN head (one objectness logit per anchor instead of two) has its own random
-weights. The class biases are drawn from U(0, 2.5) in both so that a realistic number of detections go
-through the per-class NMS (with a plain random init every class probability is about 1/21 < 0.05 and both
-models would skip post-processing). torchvision's model uses the original's test settings: 9 anchors
-(sizes 128/256/512, ratios 0.5/1/2), RoIPool 7x7 at 1/16 (``torchvision.ops.RoIPool`` behind the
-``MultiScaleRoIAlign`` call signature), RPN NMS 0.7 with 6000/300 boxes before/after, box score 0.05, box NMS
+class/box layers, and an RPN head that mirrors ours (one objectness logit per anchor, our foreground minus
+background logit; our offsets in its order), so that both keep about as many proposals and their heads pool
+about as many RoIs (printed for each). The class biases are drawn from U(0, 2.5) in both so that a realistic
+number of detections go through the per-class NMS (with a plain random init every class probability is
+about 1/21 < 0.05 and both models would skip post-processing). torchvision's model uses the original's test
+settings: 9 anchors (sizes 128/256/512, ratios 0.5/1/2), RoIPool 7x7 at 1/16 (``torchvision.ops.RoIPool``
+behind the ``MultiScaleRoIAlign`` call signature), RPN NMS 0.7 with 6000/300 boxes before/after, box score
+0.05, box NMS
 0.3, no cap on detections, min_size 600 / max_size 1000.
 
 What is timed, on a real photo (scikit-image's ``chelsea``, resized to 600x800; 600x1000 with ``--device
@@ -46,12 +48,12 @@ peak-RSS counter (``/proc/self/clear_refs``), runs inference twice and reads ``V
 Options for both models alike: ``--batch-size=N`` (N copies of the photo per call; ours predicts them in one
 batch), ``--amp`` (both under ``torch.autocast``: bfloat16 on the CPU, float16 on CUDA, as a torchvision user
 switches it on in one line; the FLOP floor, a float32 one, is then not measured), ``--backbone=resnet101``
-(torchvision's ``FasterRCNN`` built on our ResNet-101 C4 extractor, layer4 + average pooling as its box head
-on RoIPool 14x14, the same weights; BatchNorm statistics calibrated on random images). ``--json PATH``
-writes the headline's figures for ``bench/gpu.sh``.
+or ``resnet50`` (torchvision's ``FasterRCNN`` built on our ResNet C4 extractor, layer4 + average pooling as
+its box head on RoIPool 14x14, the same weights; BatchNorm statistics calibrated on random images).
+``--json PATH`` writes the headline's figures for ``bench/gpu.sh``.
 
 Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device cpu|cuda] [--batch-size 1]
-[--amp] [--backbone vgg16|resnet101] [--memory-format auto|channels_last|contiguous] [--json PATH]
+[--amp] [--backbone vgg16|resnet50|resnet101] [--memory-format auto|channels_last|contiguous] [--json PATH]
 [--profile]``
 """
 
@@ -61,7 +63,7 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,9 +89,11 @@ from bench.floor import (  # noqa: E402
     floor_passes,
     floor_ratio_text,
     record_layer_calls,
+    timed,
 )
 from data.dataset import preprocess  # noqa: E402
 from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16  # noqa: E402
+from model.region_proposal_network import RegionProposalNetwork  # noqa: E402
 from model.utils import cpu_linear  # noqa: E402
 from utils.amp import autocast, autocast_dtype  # noqa: E402
 from utils.memory_format import choose_memory_format  # noqa: E402
@@ -153,6 +157,33 @@ def load_resnet(model: FasterRCNNResNet, state: dict) -> None:
                                     if k.startswith("layer4.")})
 
 
+def mirrored_rpn_head(rpn: RegionProposalNetwork) -> RPNHead:
+    """torchvision's ``RPNHead`` computing what our RPN computes: the same 3x3 convolution, one objectness
+    logit per anchor from our two (``fg - bg``: its sigmoid is our softmax's foreground probability), and
+    our ``(dy, dx, dh, dw)`` offsets reordered to its ``(dx, dy, dw, dh)`` (copies of the weights). Both then
+    rank and regress the anchors alike and keep about as many proposals after NMS: with its own random RPN,
+    torchvision's head would pool another number of RoIs than ours, and the two heads (ResNet's layer4 above
+    all) would not do the same work."""
+    in_channels, mid_channels = rpn.conv1.in_channels, rpn.conv1.out_channels
+    n_anchor = rpn.score.out_channels // 2
+    head = RPNHead(in_channels, n_anchor)
+    head.conv = nn.Sequential(Conv2dNormActivation(in_channels, mid_channels, kernel_size=3, norm_layer=None))
+    head.cls_logits = nn.Conv2d(mid_channels, n_anchor, 1)
+    head.bbox_pred = nn.Conv2d(mid_channels, n_anchor * 4, 1)
+    score_w = rpn.score.weight.view(n_anchor, 2, mid_channels, 1, 1)  # [anchor, (bg, fg)]
+    score_b = rpn.score.bias.view(n_anchor, 2)
+    # our (dy, dx, dh, dw) channels of each anchor in torchvision's (dx, dy, dw, dh) order
+    order = torch.arange(n_anchor * 4).view(n_anchor, 4)[:, [1, 0, 3, 2]].reshape(-1)
+    with torch.no_grad():
+        head.conv[0][0].weight.copy_(rpn.conv1.weight)
+        head.conv[0][0].bias.copy_(rpn.conv1.bias)
+        head.cls_logits.weight.copy_(score_w[:, 1] - score_w[:, 0])
+        head.cls_logits.bias.copy_(score_b[:, 1] - score_b[:, 0])
+        head.bbox_pred.weight.copy_(rpn.loc.weight[order])
+        head.bbox_pred.bias.copy_(rpn.loc.bias[order])
+    return head
+
+
 def build_torchvision(ours: FasterRCNN, share: bool) -> TorchvisionFasterRCNN:
     """torchvision's FasterRCNN with ``ours``'s backbone and head weights: the same modules if ``share``, else
     copies. VGG16: fc6/fc7 on RoIPool 7x7; ResNet C4: layer4 and average pooling on RoIPool 14x14."""
@@ -161,14 +192,12 @@ def build_torchvision(ours: FasterRCNN, share: bool) -> TorchvisionFasterRCNN:
     if ours.arch["name"] == "vgg16":
         backbone.out_channels = 512
         box_head = nn.Sequential(nn.Flatten(1), take(ours.head.classifier))  # (R, 512, 7, 7) -> (R, 4096)
-        roi_pool, features, rpn_head = RoIPoolAdapter(7, 1 / 16), 4096, None
+        roi_pool, features = RoIPoolAdapter(7, 1 / 16), 4096
     else:  # the C4 layout: (R, 1024, 14, 14) -> layer4 -> (R, 2048, 7, 7) -> (R, 2048)
         backbone.out_channels = 1024
         box_head = nn.Sequential(take(ours.head.top), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         roi_pool, features = RoIPoolAdapter(14, 1 / 16), 2048
-        rpn_head = RPNHead(1024, 9)
-        rpn_head.conv = nn.Sequential(Conv2dNormActivation(1024, 512, kernel_size=3, norm_layer=None))
-        rpn_head.cls_logits, rpn_head.bbox_pred = nn.Conv2d(512, 9, 1), nn.Conv2d(512, 36, 1)
+    rpn_head = mirrored_rpn_head(ours.rpn)
     predictor = FastRCNNPredictor(features, N_FG_CLASS + 1)
     predictor.cls_score.load_state_dict(ours.head.score.state_dict())
     predictor.bbox_pred.load_state_dict(ours.head.cls_loc.state_dict())
@@ -228,19 +257,25 @@ def run_ours_blas_fc(model, inputs: Inputs):
 def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN:
     """A copy of torchvision's model with its box head's fc6/fc7 on oneDNN, as any of its users can do in one
     line (``torch.utils.mkldnn.to_mkldnn``, inference only): the same kernel as our fc6/fc7 on AMD CPUs."""
+    from torch.utils import mkldnn
+
     model = copy.deepcopy(model)
-    model.roi_heads.box_head = torch.utils.mkldnn.to_mkldnn(model.roi_heads.box_head)
+    with warnings.catch_warnings():  # its modules use the deprecated torch.jit.script_method
+        warnings.simplefilter("ignore", FutureWarning)
+        model.roi_heads.box_head = mkldnn.to_mkldnn(model.roi_heads.box_head)
     return model
 
 
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
+def rois_pooled(model, run, inputs: Inputs) -> int:
+    """How many RoIs the model's head classifies for the first image (the input of its class scores)."""
+    score = model.head.score if isinstance(model, FasterRCNN) else model.roi_heads.box_predictor.cls_score
+    rows = []
+    handle = score.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    try:
+        run(model, inputs)
+    finally:
+        handle.remove()
+    return rows[0] // len(inputs.pre) if isinstance(model, FasterRCNN) else rows[0] // len(inputs.tv)
 
 
 def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> tuple[dict[str, int], list[LayerCall]]:
@@ -315,8 +350,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions per model (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--backbone", default="vgg16", choices=("vgg16", "resnet101"),
-                        help="VGG16 (the original) or ResNet-101 in the C4 layout, for both models")
+    parser.add_argument("--backbone", default="vgg16", choices=("vgg16", "resnet50", "resnet101"),
+                        help="VGG16 (the original) or ResNet-50/101 in the C4 layout, for both models")
     parser.add_argument("--batch-size", type=int, default=1, help="images per call, for both (default 1)")
     parser.add_argument("--amp", action="store_true",
                         help="both models under torch.autocast: bfloat16 on the CPU, float16 on CUDA")
@@ -359,6 +394,8 @@ def main() -> None:
     for (who, fmt), (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
         out = run(model, inputs)
         n_det[who, fmt] = len(out[1][0]) if who.startswith("ours") else len(out[0]["labels"])
+    n_roi = {who: rois_pooled(model, run, inputs) for (who, fmt), (model, run) in models.items()
+             if fmt == headline and who in ("ours", "torchvision")}
     # the FLOP floor is a float32 one: under --amp it is not measured
     flops, calls = count_flops(models["ours", headline][0], inputs) if not args.amp else (None, [])
     meter = FloorMeter(calls, device) if not args.amp else None
@@ -379,6 +416,7 @@ def main() -> None:
         print(f"{who + ', ' + fmt:26s} {t:.3f} s median of {args.reps} ({spread}), "
               f"{args.batch_size / t:.2f} img/s, {n_det[who, fmt]} detections in the first image")
     print(f"{'ours: preprocess (CPU)':26s} {pre_time:.3f} s per image")
+    print(f"RoIs pooled per image: ours {n_roi['ours']}, torchvision {n_roi['torchvision']}")
     for fmt in FORMATS:
         mark = "  <- headline" if fmt == headline else ""
         print(f"ratio ours / torchvision, both {fmt + ':':14s} "
