@@ -116,6 +116,9 @@ class RoIPoolAdapter(MultiScaleRoIAlign):
         return self.pool(x, proposals)  # proposals: (x_min, y_min, x_max, y_max) per image
 
 
+RESNET_RPN_LOC_SCALE = 0.01  # see build_ours
+
+
 def build_ours(seed: int, backbone: str = "vgg16") -> FasterRCNN:
     """Our model with random weights (ResNet: BatchNorm statistics calibrated on random images, so that the
     frozen BatchNorm keeps activations in range) and class biases drawn from U(0, 2.5)."""
@@ -125,6 +128,11 @@ def build_ours(seed: int, backbone: str = "vgg16") -> FasterRCNN:
     else:
         model = FasterRCNNResNet(n_fg_class=N_FG_CLASS, depth=int(backbone[len("resnet"):]))
         load_resnet(model, calibrated_resnet_state_dict(backbone, seed))
+        # On the random network's layer3 the RPN's N(0, 0.01) offsets come out large enough for exp(dh) to
+        # overflow: boxes no trained RPN gives, which ours keeps (and NMS merges) while torchvision clamps
+        # them, so the two would pool different numbers of RoIs. Scaled to a trained RPN's small offsets.
+        with torch.no_grad():
+            model.rpn.loc.weight.mul_(RESNET_RPN_LOC_SCALE)
     model.eval()
     with torch.no_grad():
         model.head.score.bias.uniform_(0, 2.5)
