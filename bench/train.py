@@ -28,7 +28,9 @@ same VGG16, and the toy job's time to mAP 0.9.
 2. Toy time to mAP: ``train.train(data='toy')`` exactly as ``python train.py train --data=toy`` runs it,
    in this process; the run's ``history.jsonl`` gives the iteration and the time (evaluation included) at
    which the per-epoch test mAP first reached 0.9, the final mAP and the total time.
-3. ``--device cuda``: images/s and peak memory (``torch.cuda.max_memory_allocated``) of VOC-size training
+3. ``--toy-pace``: the toy preset's model alone, training images per second at batch 1, 2 and 4 (its
+   lr scaled with the batch), on the toy set's first images.
+4. ``--device cuda``: images/s and peak memory (``torch.cuda.max_memory_allocated``) of VOC-size training
    steps (600x1000) for both models. Targets on an H100: >= 20 img/s, <= 3 GB.
 
 ``--batch-size=N`` (N copies of the photo per step) and ``--amp`` (both models under ``torch.autocast``:
@@ -37,7 +39,7 @@ with ``--amp``; the toy job with ``train.py --amp``) apply to both alike; the FL
 not measured under ``--amp``. ``--json PATH`` writes the headline's figures for ``bench/gpu.sh``.
 
 Usage: ``.venv/bin/python bench/train.py [--threads 2] [--reps 3] [--device cpu|cuda] [--batch-size 1]
-[--amp] [--memory-format auto|channels_last|contiguous] [--json PATH] [--skip-toy] [--toy-only]
+[--amp] [--memory-format auto|channels_last|contiguous] [--json PATH] [--skip-toy] [--toy-only] [--toy-pace]
 [--profile]``
 """
 
@@ -259,6 +261,38 @@ def toy_time_to_map(args) -> None:
               f"start (evaluations included; target: within 600 s on 2 cores)")
 
 
+def toy_pace(args, device: torch.device, steps: int = 40, warmup: int = 5) -> None:
+    """Training images per second of the toy preset's model at batch 1, 2 and 4 (the preset's lr scaled),
+    on the toy set's own first images, in the memory format the preset's run would pick."""
+    from data.dataset import Dataset, collate_train, resized_size
+    from train import build_model
+    from utils.config import Config
+
+    print(f"toy model, training pace: device {device}, threads {torch.get_num_threads()}, "
+          f"{'autocast' if args.amp else 'float32'}; CPU {cpu_text()}")
+    for batch in (1, 2, 4):
+        cfg = Config.parse({"data": "toy", "batch_size": batch, "amp": args.amp})
+        torch.manual_seed(0)
+        dataset = Dataset(cfg)
+        model = build_model(cfg, len(dataset.label_names)).to(device)
+        size = resized_size(dataset.image_size(0), cfg.min_size, cfg.max_size)
+        model.to(memory_format=choose_memory_format(model, "training", size, cfg.memory_format))
+        trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names,
+                                                lr=cfg.lr * batch)
+        batches = [collate_train([dataset[i * batch + j] for j in range(batch)], multiple=model.feat_stride)
+                   for i in range(warmup + steps)]
+        for imgs, *rest in batches[:warmup]:
+            trainer.train_step(imgs.to(device), *rest)
+        start = time.perf_counter()
+        for imgs, *rest in batches[warmup:]:
+            trainer.train_step(imgs.to(device), *rest)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        print(f"batch {batch}: {steps * batch / seconds:.1f} img/s ({seconds / steps * 1000:.0f} ms per "
+              f"step, {steps} steps)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -274,10 +308,15 @@ def main() -> None:
     parser.add_argument("--json", help="also write the headline's figures to this JSON file (bench/gpu.sh)")
     parser.add_argument("--skip-toy", action="store_true", help="only the VGG16 step comparison")
     parser.add_argument("--toy-only", action="store_true", help="only the toy time to mAP")
+    parser.add_argument("--toy-pace", action="store_true",
+                        help="only the toy model's training img/s at batch 1, 2 and 4")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of our step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.toy_pace:
+        toy_pace(args, device)
+        return
     if not args.toy_only:
         vgg16_steps(args, device)
     if not args.skip_toy:

@@ -64,7 +64,9 @@ def options(voc, save_dir, run_name, **overrides) -> list:
               "save_dir": str(save_dir), "run_name": run_name, "epoch": 2, "lr_decay_epoch": 0,
               "min_size": 96, "max_size": 128, "n_train_pre_nms": 600, "n_train_post_nms": 100,
               "n_test_pre_nms": 300, "n_test_post_nms": 50, "use_visdom": False, "tensorboard": False,
-              "seed": 0, "plot_every": 1000, "dist_timeout": 60, **overrides}
+              "seed": 0, "plot_every": 1000, "dist_timeout": 60,
+              # one memory format for every run compared: the probe may choose differently per thread count
+              "memory_format": "contiguous", **overrides}
     flags = []
     for key, value in values.items():
         value = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
@@ -125,8 +127,11 @@ def test_two_ranks_of_one_image_train_as_one_process_of_two(two_ranks_and_one_pr
     a, b = load_checkpoint(work / "ddp" / "last.pth"), load_checkpoint(work / "single" / "last.pth")
     assert a["other_info"]["iteration"] == b["other_info"]["iteration"] == 2 * N_TRAIN // 2
     assert a["other_info"]["lr"] == b["other_info"]["lr"]  # --scale-lr: the same images per step
+    # within float rounding accumulated over the run's steps: the two sum the same gradients in another
+    # order and on other thread counts (largest difference seen 1.1e-5, on an AMD EPYC Zen 4); a wrong
+    # averaging or lr would move the weights by ~1e-3
     for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-4, atol=5e-5, msg=key)
     # the same losses along the way (history.jsonl: the end-of-epoch means are plotted at every epoch)
     history = [[json.loads(line) for line in open(work / name / "history.jsonl")]
                for name in ("ddp", "single")]
