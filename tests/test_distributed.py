@@ -195,15 +195,25 @@ def _wait_for(condition, proc, timeout=TIMEOUT, poll=0.2) -> bool:
     return False
 
 
-def _rank_pids(agent: subprocess.Popen, n: int = 2) -> dict[int, int]:
-    """``{rank: pid}`` of torchrun's workers, read from their environment."""
+def _worker_ranks(agent_pid: int) -> dict[int, int]:
+    """``{rank: pid}`` of the children of ``agent_pid`` whose environment names their rank (a child just
+    forked, not yet running the worker, still has torchrun's environment, without ``RANK``)."""
     pids = {}
-    assert _wait_for(lambda: len(_children(agent.pid)) >= n, agent, 60)
-    for pid in _children(agent.pid):
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
-        pids[int(variables[b"RANK"])] = pid
+    for pid in _children(agent_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:  # gone meanwhile
+            continue
+        if b"RANK" in variables:
+            pids[int(variables[b"RANK"])] = pid
     return pids
+
+
+def _rank_pids(agent: subprocess.Popen, n: int = 2) -> dict[int, int]:
+    """``{rank: pid}`` of torchrun's ``n`` workers, once each runs with its rank (within 60 s)."""
+    assert _wait_for(lambda: len(_worker_ranks(agent.pid)) >= n, agent, 60)
+    return _worker_ranks(agent.pid)
 
 
 def _long_run(voc, tmp_path, name, **overrides):
