@@ -274,16 +274,17 @@ def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN
     return model
 
 
-def rois_pooled(model, run, inputs: Inputs) -> int:
-    """How many RoIs the model's head classifies for the first image (the input of its class scores)."""
+def run_counting_rois(model, run, inputs: Inputs) -> tuple[object, int]:
+    """``run(model, inputs)`` and the RoIs its head classified per image (the rows of its class scores'
+    input over the batch, divided by the batch size)."""
     score = model.head.score if isinstance(model, FasterRCNN) else model.roi_heads.box_predictor.cls_score
     rows = []
     handle = score.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
     try:
-        run(model, inputs)
+        out = run(model, inputs)
     finally:
         handle.remove()
-    return rows[0] // len(inputs.pre) if isinstance(model, FasterRCNN) else rows[0] // len(inputs.tv)
+    return out, sum(rows) // len(inputs.sizes)
 
 
 def count_flops(model: FasterRCNNVGG16, inputs: Inputs) -> tuple[dict[str, int], list[LayerCall]]:
@@ -398,12 +399,10 @@ def main() -> None:
                                                 run_torchvision)
     inputs = Inputs(photo(height, width), device, args.batch_size, args.amp)
 
-    n_det = {}
+    n_det, n_roi = {}, {}
     for (who, fmt), (model, run) in models.items():  # warm-up (oneDNN / cuDNN primitive selection)
-        out = run(model, inputs)
+        out, n_roi[who, fmt] = run_counting_rois(model, run, inputs)
         n_det[who, fmt] = len(out[1][0]) if who.startswith("ours") else len(out[0]["labels"])
-    n_roi = {who: rois_pooled(model, run, inputs) for (who, fmt), (model, run) in models.items()
-             if fmt == headline and who in ("ours", "torchvision")}
     # the FLOP floor is a float32 one: under --amp it is not measured
     flops, calls = count_flops(models["ours", headline][0], inputs) if not args.amp else (None, [])
     meter = FloorMeter(calls, device) if not args.amp else None
@@ -424,7 +423,8 @@ def main() -> None:
         print(f"{who + ', ' + fmt:26s} {t:.3f} s median of {args.reps} ({spread}), "
               f"{args.batch_size / t:.2f} img/s, {n_det[who, fmt]} detections in the first image")
     print(f"{'ours: preprocess (CPU)':26s} {pre_time:.3f} s per image")
-    print(f"RoIs pooled per image: ours {n_roi['ours']}, torchvision {n_roi['torchvision']}")
+    print(f"RoIs pooled per image ({headline}): ours {n_roi['ours', headline]}, torchvision "
+          f"{n_roi['torchvision', headline]}")
     for fmt in FORMATS:
         mark = "  <- headline" if fmt == headline else ""
         print(f"ratio ours / torchvision, both {fmt + ':':14s} "

@@ -271,8 +271,8 @@ def roi_pool_forward_torch(x: torch.Tensor, rois: torch.Tensor, outh: int, outw:
         floating dtype: both are pooled in float32); ``with_argmax=False`` skips the argmax (inference).
 
     Returns:
-        ``(y, argmax)``: ``(R, C, OH, OW)`` of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or None), on the
-        CPU, both in ``x``'s memory format (channels-last for a channels-last ``x``, else contiguous).
+        ``(y, argmax)``: ``(R, C, OH, OW)`` contiguous, of ``x``'s dtype, and ``(R, C, OH, OW)`` int32 (or
+        None), on the CPU.
     """
     if x.dtype in _HALF_DTYPES:
         y, argmax = roi_pool_forward_torch(x.float(), rois.float(), outh, outw, spatial_scale, with_argmax)
