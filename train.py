@@ -66,7 +66,7 @@ from utils.distributed import (
 )
 from utils.evaluation import ap_table, eval_loader, evaluate, evaluate_checkpoint
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
-from utils.memory_format import choose_memory_format
+from utils.memory_format import choose_memory_format, keep_onednn_primitives
 from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, restart_checkpoint, run_dir
 from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
 
@@ -197,6 +197,7 @@ def train(**kwargs) -> float | None:
         utils.interrupt.StopRequested: SIGINT or SIGTERM; ``last.pth`` was written first.
         DistributedError: under torchrun, another process stopped answering.
     """
+    keep_onednn_primitives()  # before the first convolution: images of many sizes reuse their kernels
     cfg = Config.parse(kwargs)
     device = init_distributed(cfg.torch_device(), cfg.dist_timeout)
     try:
@@ -329,6 +330,7 @@ def eval_checkpoint(**kwargs) -> float:
     The model, its class names, sizes, normalisation and proposal settings come from the checkpoint; other
     options (``--voc-data-dir``, ``--test-num``, ``--device``...) may be given.
     """
+    keep_onednn_primitives()
     load_path = Config.parse(kwargs).load_path
     if not load_path:
         raise ConfigError("eval needs --load-path=CHECKPOINT")

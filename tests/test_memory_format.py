@@ -2,6 +2,9 @@
 model and the RNG alone, and the CPU signature."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -11,6 +14,7 @@ from model.faster_rcnn_toy import FasterRCNNToy
 from utils import memory_format as mf
 from utils.memory_format import CACHE_FILE, choose_memory_format, cpu_signature
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (48, 64)  # small: a real probe of the toy extractor takes milliseconds
 
 
@@ -259,3 +263,52 @@ def test_cpu_signature_of_this_machine_matches_proc_cpuinfo():
     assert sig["cpu_family"] == values.get("cpu family")
     for flag in ("avx2", "avx512f", "avx512_bf16", "amx_tile"):
         assert (flag in sig["flags"]) == (flag in values.get("flags", "").split())
+
+
+# A fresh process convolves images of _SHAPES sizes twice and counts the primitives oneDNN compiles again in
+# the second pass (verbose "create:cache_miss" lines): more shapes than oneDNN's default cache holds.
+_SHAPES = 3000
+_CACHE_SCRIPT = f"""
+import sys
+if sys.argv[1] == "keep":
+    from utils.memory_format import keep_onednn_primitives
+    assert keep_onednn_primitives()
+import torch
+torch.set_num_threads(1)
+conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+images = [torch.randn(1, 8, 32 + i // 60, 32 + i % 60).contiguous(memory_format=torch.channels_last)
+          for i in range({_SHAPES})]
+with torch.no_grad():
+    for x in images:
+        conv(x)
+    print("SECOND PASS", flush=True)
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        for x in images:
+            conv(x)
+"""
+
+
+def _second_pass_creations(mode: str) -> tuple[int, int]:
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    proc = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, mode], capture_output=True, text=True,
+                          timeout=240, cwd=REPO, env={**env, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    second = proc.stdout.split("SECOND PASS", 1)[1]
+    return second.count("create:cache_miss"), second.count("create:cache_hit")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+def test_keep_onednn_primitives_compiles_each_shape_once():
+    misses, hits = _second_pass_creations("default")
+    assert hits + misses >= _SHAPES and misses >= _SHAPES // 2  # the default cache overflows: compiled again
+    misses, hits = _second_pass_creations("keep")
+    assert misses == 0 and hits >= _SHAPES  # every shape's kernel kept from the first pass
+
+
+def test_keep_onednn_primitives_leaves_the_users_setting(monkeypatch):
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8")
+    assert mf.keep_onednn_primitives() is False
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "8"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    assert mf.keep_onednn_primitives(4096) is True
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "4096"
