@@ -302,3 +302,29 @@ def test_max_restarts_resume_from_last_pth(same_size_voc, tmp_path):
     info = load_checkpoint(last)["other_info"]
     assert info["epoch"] == 3 and info["iteration"] == 3 * steps
     assert np.isfinite(info["best_map"])
+
+
+_HEARTBEAT_SCRIPT = """
+import time
+import torch.distributed as dist
+from utils import distributed
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+store = distributed._store()  # the group's (prefixed) view of it, where the heartbeat writes
+distributed._start_heartbeat()
+thread = distributed._heartbeat["thread"]
+deadline = time.monotonic() + 10
+while not store.check(["heartbeat/0"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+assert store.check(["heartbeat/0"]) and thread.is_alive()
+start = time.monotonic()
+distributed.cleanup()
+assert not thread.is_alive() and distributed._heartbeat["thread"] is None and not dist.is_initialized()
+print(f"STOPPED in {time.monotonic() - start:.3f} s")
+"""
+
+
+def test_cleanup_stops_the_heartbeat_thread_before_leaving_the_group(tmp_path):
+    # a heartbeat left running may be inside a store call when the interpreter exits (a SIGABRT at exit)
+    proc = run([sys.executable, "-c", _HEARTBEAT_SCRIPT], tmp_path, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STOPPED in" in proc.stdout

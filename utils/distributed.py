@@ -38,9 +38,12 @@ __all__ = [
     "is_main_process",
 ]
 
-# This process's count of synchronisation points reached (see the module docstring), and its reporter.
+# This process's count of synchronisation points reached (see the module docstring), and its reporter: the
+# thread and the event that stops it.
 _progress = {"count": 0}
+_heartbeat: dict = {"thread": None, "stop": None}
 _HEARTBEAT_SECONDS = 0.5
+_HEARTBEAT_JOIN_SECONDS = 5.0
 
 
 def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> torch.device:
@@ -72,7 +75,13 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> torch.d
 
 
 def cleanup() -> None:
-    """Leave the process group (a no-op without one)."""
+    """Stop the heartbeat and leave the process group (a no-op without one).
+
+    The heartbeat thread is stopped and joined first: left running, it may be inside a store call when the
+    interpreter shuts down, and a native thread cut off there can abort the process at exit (a rank that
+    had finished its work then ends with SIGABRT, and torchrun reports the whole job as failed).
+    """
+    _stop_heartbeat()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -166,15 +175,29 @@ def _start_heartbeat() -> None:
     if store is None:
         return
 
+    stop = threading.Event()
+
     def report() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 store.set(key, f"{_progress['count']} {time.time():.3f}")
             except RuntimeError:  # the store is gone: the job is ending
                 return
-            time.sleep(_HEARTBEAT_SECONDS)
+            stop.wait(_HEARTBEAT_SECONDS)
 
-    threading.Thread(target=report, name="heartbeat", daemon=True).start()
+    thread = threading.Thread(target=report, name="heartbeat", daemon=True)
+    _heartbeat.update(thread=thread, stop=stop)
+    thread.start()
+
+
+def _stop_heartbeat() -> None:
+    """Stop the heartbeat thread and wait for it (at most ``_HEARTBEAT_JOIN_SECONDS``: a store call that
+    hangs must not hang the exit)."""
+    thread, stop = _heartbeat["thread"], _heartbeat["stop"]
+    _heartbeat.update(thread=None, stop=None)
+    if thread is not None:
+        stop.set()
+        thread.join(_HEARTBEAT_JOIN_SECONDS)
 
 
 def describe_failure(error: BaseException, timeout_s: float | None = None) -> str:
