@@ -324,7 +324,7 @@ class Config:
 # size; fewer proposals than VGG16's for small images; a light weight decay since the small model underfits
 # rather than overfits. Losses and, with TensorBoard or visdom, the training pictures every 100 steps: one
 # plot step draws two matplotlib pictures, predicts and encodes three PNGs (0.45 s, six steps' worth), 12% of
-# the run at the original's 40-50 steps, 6% at 100. The best mAP sits close to 0.90 because the VOC07 metric
+# the run at the preset's former 50 steps, 6% at 100. The best mAP sits close to 0.90 because the VOC07 metric
 # caps a class's AP at 10/11 = 0.909 when one of its test objects is never found (the last of its 11 recall
 # points): the best runs find every object of a few classes.
 TOY_DATA = ("toy", "toy-coco")  # the data sets TOY_PRESET applies to
