@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Make (or refresh) .venv with the pinned requirements and build the optional Cython extensions (NMS, RoI).
+# Make (or refresh) .venv with the pinned requirements and build the optional extensions (Cython: NMS, RoI;
+# C++: the Winograd transforms of the CPU 3x3 convolutions).
 # On a machine with an NVIDIA GPU (a driver answers), also install the CuPy wheel of the CUDA that torch was
 # built for (torch 2.14.1+cu130 -> cupy-cuda13x), so that NMS and RoI pooling run as CUDA kernels.
 # Safe to run again: pip skips what is installed, the build skips what is up to date.
@@ -12,9 +13,9 @@ PY=${PYTHON:-python3}
 constraint=.venv/build-constraints.txt
 echo 'setuptools<81' > "$constraint"
 .venv/bin/python -m pip install -q --build-constraint "$constraint" -r requirements.txt
-# Optional speed-up; the pure-Python fallback is used when this is missing.
+# Optional speed-ups; the pure-Python fallbacks (stock convolutions) are used when they are missing.
 (cd model/utils && ../../.venv/bin/python build.py build_ext --inplace -q) \
-  || echo "setup.sh: Cython build failed; the slower Python/torch twins of NMS and RoI pooling will be used." >&2
+  || echo "setup.sh: the extension build failed; the slower Python/torch twins of NMS and RoI pooling and the stock convolutions will be used." >&2
 # CuPy for the GPU kernels: only where an NVIDIA driver answers, in the CUDA major version of torch's build.
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   cuda=$(.venv/bin/python -c "import torch; print((torch.version.cuda or '').split('.')[0])")

@@ -1,0 +1,291 @@
+"""3x3 convolutions on the CPU by Winograd's minimal filtering, F(2x2, 3x3) (VGG16's and the RPN's layers).
+
+A 3x3 convolution (stride 1, padding 1) computes each 2x2 block of output pixels from a 4x4 block of input
+pixels with 16 multiplications per input/output channel pair instead of 36 (Lavin and Gray, "Fast Algorithms
+for Convolutional Neural Networks", CVPR 2016): the input tiles and the weights are transformed
+(``model/utils/winograd.cpp``; ``U = G g G^T`` here), multiplied position by position as 16 GEMMs
+``(tiles, C) @ (C, K)`` (one ``torch.bmm``), and transformed back. The GEMMs do 4/9 of the direct
+convolution's multiply-adds, so where the GEMM runs near the rate of oneDNN's direct kernels the layer takes
+about half the time. On an Intel Xeon (``cpu family`` 6, model 207, AVX-512, 2 threads), VGG16's layers at
+600x800, channels-last, forward, best of 5 (the ratio: three such measurements):
+
+    ====================================  ===========  ==========  ================
+    layer                                  oneDNN       Winograd    ratio
+    ====================================  ===========  ==========  ================
+    conv1_2      64 -> 64,   600x800        190 ms       213 ms     1.12 - 1.43
+    conv2_1      64 -> 128,  300x400         95 ms       113 ms     1.14 - 1.19
+    conv2_2     128 -> 128,  300x400        170 ms       178 ms     0.90 - 1.05
+    conv3_1     128 -> 256,  150x200         76 ms        59 ms     0.77 - 0.81
+    conv3_2/3   256 -> 256,  150x200        146 ms        87 ms     0.60 - 0.68
+    conv4_1     256 -> 512,   75x100         72 ms        48 ms     0.67 - 0.74
+    conv4_2/3   512 -> 512,   75x100        148 ms        87 ms     0.59 - 0.61
+    conv5_x     512 -> 512,   37x50          33 ms        24 ms     0.72 - 0.84
+    ====================================  ===========  ==========  ================
+
+Below 128 channels the GEMMs are too thin and the transforms' memory traffic wins; on small maps (the toy
+model's RPN: 128 channels at 30x28, 1.0x; 512 at 19x25, 0.85-0.98x) the fixed costs eat the gain.
+
+The tiles are processed in chunks of a few megabytes, so the transformed tiles stay in cache and no large
+temporary is allocated (a fresh allocation of tens of megabytes pays a page fault per 4 KiB every call).
+
+Numerics: the same function as ``F.conv2d`` to float rounding (the transforms add and subtract; the weight
+transform halves): relative differences of a few 1e-7 in float32, 1e-16 in float64 (the tests compare both).
+Every run on a machine takes the same path (the choice is a rule, not a timing; each tile is transformed by
+one thread, whatever the thread count), so seeded runs stay reproducible on a machine.
+
+Gradients (:class:`WinogradConv2dFunction`): the input gradient is itself a 3x3 convolution, of the upstream
+gradient with the weights flipped and transposed (``(C, K, 3, 3)``), run by the same Winograd path; the
+weight gradient runs the forward's algebra backwards (:func:`winograd_weight_grad`: the same 16 GEMMs,
+transposed, between the input tiles' transform and the output transform's adjoint of the upstream
+gradient); the bias gradient is the upstream gradient's sum.
+
+Where it applies (:func:`use_winograd`): a float32 (or float64) input on the CPU, outside ``torch.autocast``,
+a 3x3 kernel with stride 1, padding 1, dilation 1, one group and zero padding, the extension built
+(``setup.sh``), and the backend (:func:`set_backend`) ``'winograd'``, or ``'auto'`` (the default) for a
+layer of at least 128 input and output channels on maps of at least 1500 pixels per image (the table above),
+on a CPU that is not AMD's (measured on Intel). The rule looks at one image's map, not the batch, so an
+image takes the same path alone or in a batch. ``'auto'`` leaves AMD CPUs on oneDNN's direct kernels: there
+PyTorch's GEMM (MKL's sgemm) runs at half of oneDNN's rate (``model/utils/cpu_linear.py``), which would eat
+the 2.25x fewer multiplications (not measured for this layer yet). Everything else (CUDA, where cuDNN picks
+its own algorithms, other dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and
+state-dict keys are untouched.
+
+Usage: :class:`Conv2d` is an ``nn.Conv2d`` whose forward takes this path where it applies;
+:func:`convert` turns a module's ``nn.Conv2d`` layers into it (same parameter tensors) and :func:`to_native`
+back.
+"""
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from model.utils.cpu_linear import cpu_is_amd
+
+__all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend",
+           "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
+
+BACKENDS = ("auto", "winograd", "native")
+MIN_CHANNELS = 128  # 'auto': fewer input or output channels stay on oneDNN (thin GEMMs, memory-bound)
+MIN_PIXELS = 1500  # 'auto': smaller maps (H x W of one image) stay on oneDNN (fixed costs)
+CHUNK_BYTES = 4 << 20  # transformed tiles per GEMM chunk (16 x T x channels values)
+_backend = "auto"
+
+# Winograd F(2x2, 3x3)'s weight transform (see winograd.cpp for the input and output transforms).
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+@functools.cache
+def _extension():
+    """The compiled transforms (``model/utils/_winograd*.so``), or ``None`` when they were not built."""
+    try:
+        from model.utils import _winograd
+    except ImportError:
+        return None
+    return _winograd
+
+
+def winograd_available() -> bool:
+    """Whether the transforms' extension is built (``setup.sh``, or ``python build.py build_ext --inplace``
+    in ``model/utils``)."""
+    return _extension() is not None
+
+
+def set_backend(name: str) -> str:
+    """Choose how :func:`use_winograd` decides, for the whole process; returns the previous choice.
+
+    ``'auto'`` (default): Winograd for layers of at least 128 input and output channels on maps of at least
+    1500 pixels, on CPUs other than AMD's;
+    ``'winograd'``: wherever it applies; ``'native'``: never (every layer runs as ``nn.Conv2d`` does).
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"cpu_conv backend must be one of {BACKENDS}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
+
+
+def get_backend() -> str:
+    """The current :func:`set_backend` choice."""
+    return _backend
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """:func:`set_backend` for a ``with`` block (restored on exit)."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether ``conv(x)`` runs on the Winograd path (see the module docstring for the rule)."""
+    if _backend == "native" or not winograd_available():
+        return False
+    weight = conv.weight
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() != 4:
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        return False
+    if torch.is_autocast_enabled("cpu") or x.numel() == 0:
+        return False
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != (
+            (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
+        return False
+    if _backend == "winograd":
+        return True
+    return (not cpu_is_amd() and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
+            and x.shape[2] * x.shape[3] >= MIN_PIXELS)
+
+
+def weight_transform(weight: torch.Tensor) -> torch.Tensor:
+    """``U = G g G^T`` of every filter: ``(K, C, 3, 3)`` -> ``(16, K, C)``, position ``4 a + b`` first.
+
+    One product: ``U[4a+b, k, c] = sum_ij (G kron G)[4a+b, 3i+j] g[k, c, i, j]``, a ``(16, 9) @ (9, K C)``.
+    """
+    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
+    gg = torch.kron(g, g)  # (16, 9): (G kron G)[4a+b, 3i+j] = G[a, i] G[b, j]
+    k, c = weight.shape[:2]
+    return (gg @ weight.reshape(k * c, 9).t()).view(16, k, c)
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` by Winograd F(2x2, 3x3), without autograd.
+
+    Args:
+        x: ``(N, C, H, W)`` float32/float64 on the CPU, any memory format (``channels_last`` is read in place;
+            another layout is copied to it first).
+        weight: ``(K, C, 3, 3)`` of ``x``'s dtype.
+        bias: ``(K,)`` or ``None``.
+
+    Returns:
+        ``(N, K, H, W)``: ``channels_last`` when ``x`` is, else contiguous.
+    """
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the Winograd extension is not built: run ./setup.sh (or, in model/utils, "
+                           "python build.py build_ext --inplace)")
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    if weight.shape != (k, c, 3, 3):
+        raise ValueError(f"weight must be (K, {c}, 3, 3) for {c} input channels, got {tuple(weight.shape)}")
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): a view when x is channels_last
+    u = weight_transform(weight).transpose(1, 2)  # (16, C, K), a transposed view: BLAS reads it in place
+    bias = bias.contiguous() if bias is not None else x.new_empty(0)
+    # a fresh channels_last tensor, not a permuted view: an in-place ReLU may follow the autograd Function
+    y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(c, k) * x.element_size())))
+    v = x.new_empty((16, chunk, c))
+    m = x.new_empty((16, chunk, k))
+    for t0 in range(0, tiles, chunk):
+        size = min(chunk, tiles - t0)
+        v_t, m_t = (v, m) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
+        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
+        torch.bmm(v_t, u, out=m_t)  # (16, size, C) @ (16, C, K) -> (16, size, K)
+        ext.output_transform(m_t, bias, t0, y_nhwc)
+    return y if channels_last else y.contiguous()
+
+
+def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. ``weight`` of ``F.conv2d(x, weight, padding=1)`` given ``grad``, by Winograd.
+
+    Args:
+        x: ``(N, C, H, W)`` float32/float64 on the CPU, any memory format.
+        grad: ``(N, K, H, W)``, the gradient w.r.t. the convolution's output.
+        weight: ``(K, C, 3, 3)``; only its shape, dtype and memory format are used.
+
+    Returns:
+        ``(K, C, 3, 3)`` in ``weight``'s memory format: ``G^T dU G`` of ``dU[xi] = V[xi]^T @ dM[xi]`` summed
+        over the tiles, ``V`` the input tiles' transform and ``dM`` the output transform's adjoint of
+        ``grad``.
+    """
+    ext = _extension()
+    n, c, h, w = x.shape
+    k = grad.shape[1]
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
+    g_nhwc = grad.permute(0, 2, 3, 1).contiguous()  # (N, H, W, K)
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(c, k) * x.element_size())))
+    du = x.new_zeros((16, c, k))
+    v = x.new_empty((16, chunk, c))
+    dm = x.new_empty((16, chunk, k))
+    for t0 in range(0, tiles, chunk):
+        size = min(chunk, tiles - t0)
+        v_t, dm_t = (v, dm) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
+        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
+        ext.output_adjoint(g_nhwc, t0, dm_t)  # (16, size, K)
+        du.baddbmm_(v_t.transpose(1, 2), dm_t)  # += (16, C, size) @ (16, size, K)
+    g = torch.tensor(_G, dtype=x.dtype, device=x.device)
+    dw = (torch.kron(g, g).t() @ du.view(16, c * k)).view(3, 3, c, k)  # (9, 16) @ (16, C K): G^T dU G
+    return torch.empty_like(weight).copy_(dw.permute(3, 2, 0, 1))  # (K, C, 3, 3)
+
+
+class WinogradConv2dFunction(torch.autograd.Function):
+    """:func:`winograd_conv2d` with gradients (see the module docstring). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return winograd_conv2d(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = grad_weight = grad_bias = None
+        if need_x:  # the transposed convolution: the flipped filters, input and output channels swapped
+            grad_x = winograd_conv2d(grad, weight.flip(2, 3).transpose(0, 1), None)
+        if need_weight:
+            grad_weight = winograd_weight_grad(x, grad, weight)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs on the Winograd path where :func:`use_winograd` says so, else as itself.
+
+    The transformed weight is computed at every call (VGG16: about 30 ms an image for all its layers) rather
+    than kept: keeping it would hold 16/9 of the layers' weights (100 MB for VGG16) for the whole run."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not use_winograd(x, self):
+            return super().forward(x)
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, self.weight, self.bias))
+        if needs_grad:
+            return WinogradConv2dFunction.apply(x, self.weight, self.bias)
+        return winograd_conv2d(x, self.weight, self.bias)
+
+
+def _swap_class(module: nn.Module, to: type[nn.Conv2d], source: type[nn.Conv2d]) -> nn.Module:
+    """``module`` with every submodule of exactly ``source``'s class retyped to ``to`` in place (the same
+    object, parameters, buffers and hooks: the two classes differ only in ``forward``)."""
+    for m in module.modules():
+        if type(m) is source:
+            m.__class__ = to
+    return module
+
+
+def convert(module: nn.Module) -> nn.Module:
+    """``module`` (changed in place and returned) with its ``nn.Conv2d`` layers made :class:`Conv2d`.
+
+    The layers stay the same objects with the same parameters; :func:`use_winograd` decides at each call
+    whether a layer takes the Winograd path (other kernel sizes or strides never do)."""
+    return _swap_class(module, Conv2d, nn.Conv2d)
+
+
+def to_native(module: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`: every :class:`Conv2d` of ``module`` made ``nn.Conv2d`` again, in
+    place (``bench/`` gives torchvision's model the stock layers)."""
+    return _swap_class(module, nn.Conv2d, Conv2d)
