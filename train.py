@@ -50,6 +50,7 @@ from data.sampler import aspect_ratio_groups, shard
 from data.util import DataError
 from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16
 from model.faster_rcnn_toy import FasterRCNNToy
+from model.utils import cpu_conv
 from model.utils.pretrained import PretrainedWeightsError
 from trainer import FasterRCNNTrainer, NonFiniteLossError
 from utils.checkpoint import CheckpointError
@@ -199,6 +200,7 @@ def train(**kwargs) -> float | None:
     """
     keep_onednn_primitives()  # before the first convolution: images of many sizes reuse their kernels
     cfg = Config.parse(kwargs)
+    cpu_conv.set_backend(cfg.cpu_conv)
     device = init_distributed(cfg.torch_device(), cfg.dist_timeout)
     try:
         return _train(cfg, device)
@@ -331,7 +333,9 @@ def eval_checkpoint(**kwargs) -> float:
     options (``--voc-data-dir``, ``--test-num``, ``--device``...) may be given.
     """
     keep_onednn_primitives()
-    load_path = Config.parse(kwargs).load_path
+    cfg = Config.parse(kwargs)
+    cpu_conv.set_backend(cfg.cpu_conv)
+    load_path = cfg.load_path
     if not load_path:
         raise ConfigError("eval needs --load-path=CHECKPOINT")
     result, class_names, n_images = evaluate_checkpoint(load_path, kwargs)

@@ -94,7 +94,7 @@ from bench.floor import (  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16  # noqa: E402
 from model.region_proposal_network import RegionProposalNetwork  # noqa: E402
-from model.utils import cpu_linear  # noqa: E402
+from model.utils import cpu_conv, cpu_linear  # noqa: E402
 from utils.amp import autocast, autocast_dtype  # noqa: E402
 from utils.memory_format import choose_memory_format, keep_onednn_primitives  # noqa: E402
 
@@ -194,16 +194,18 @@ def mirrored_rpn_head(rpn: RegionProposalNetwork) -> RPNHead:
 
 def build_torchvision(ours: FasterRCNN, share: bool) -> TorchvisionFasterRCNN:
     """torchvision's FasterRCNN with ``ours``'s backbone and head weights: the same modules if ``share``, else
-    copies. VGG16: fc6/fc7 on RoIPool 7x7; ResNet C4: layer4 and average pooling on RoIPool 14x14."""
+    copies. VGG16: fc6/fc7 on RoIPool 7x7; ResNet C4: layer4 and average pooling on RoIPool 14x14. Its
+    convolutions are the stock ``nn.Conv2d`` (``cpu_conv.to_native``; with ``share``, ours' too)."""
     take = (lambda m: m) if share else copy.deepcopy
-    backbone = take(ours.extractor)
+    backbone = cpu_conv.to_native(take(ours.extractor))
     if ours.arch["name"] == "vgg16":
         backbone.out_channels = 512
         box_head = nn.Sequential(nn.Flatten(1), take(ours.head.classifier))  # (R, 512, 7, 7) -> (R, 4096)
         roi_pool, features = RoIPoolAdapter(7, 1 / 16), 4096
     else:  # the C4 layout: (R, 1024, 14, 14) -> layer4 -> (R, 2048, 7, 7) -> (R, 2048)
         backbone.out_channels = 1024
-        box_head = nn.Sequential(take(ours.head.top), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        top = cpu_conv.to_native(take(ours.head.top))
+        box_head = nn.Sequential(top, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         roi_pool, features = RoIPoolAdapter(14, 1 / 16), 2048
     rpn_head = mirrored_rpn_head(ours.rpn)
     predictor = FastRCNNPredictor(features, N_FG_CLASS + 1)
@@ -260,6 +262,27 @@ def run_ours_blas_fc(model, inputs: Inputs):
     """``run_ours`` with fc6/fc7 on PyTorch's default BLAS (``cpu_linear.backend('native')``)."""
     with cpu_linear.backend("native"):
         return run_ours(model, inputs)
+
+
+def run_ours_stock_convs(model, inputs: Inputs):
+    """``run_ours`` with every convolution on PyTorch's stock kernels (``cpu_conv.backend('native')``), as
+    torchvision's run: reported beside the headline, where ours runs its wide 3x3 layers by Winograd."""
+    with cpu_conv.backend("native"):
+        return run_ours(model, inputs)
+
+
+def winograd_layers(model: FasterRCNN, inputs: Inputs) -> tuple[int, int]:
+    """``(taken, total)``: how many 3x3 convolution calls of one run of ours take the Winograd path."""
+    convs = [m for m in model.modules() if isinstance(m, cpu_conv.Conv2d) and m.kernel_size == (3, 3)]
+    taken = []
+    handles = [m.register_forward_pre_hook(lambda m, args: taken.append(cpu_conv.use_winograd(args[0], m)))
+               for m in convs]
+    try:
+        run_ours(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(taken), len(taken)
 
 
 def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN:
@@ -395,6 +418,7 @@ def main() -> None:
     # beside the headline: the fully connected layers on one kernel for both (CPU, float32, VGG16)
     side_by_side = device.type == "cpu" and not args.amp and args.backbone == "vgg16"
     if side_by_side:
+        models["ours, stock convs", headline] = (models["ours", headline][0], run_ours_stock_convs)
         models["ours, fc on BLAS", headline] = (models["ours", headline][0], run_ours_blas_fc)
         models["tv, fc on oneDNN", headline] = (torchvision_onednn_fc(models["torchvision", headline][0]),
                                                 run_torchvision)
@@ -442,6 +466,11 @@ def main() -> None:
         kernel = "oneDNN" if onednn else "the default BLAS"
         same_kernel = median["ours", headline] / median["tv, fc on oneDNN", headline]
         blas = median["ours, fc on BLAS", headline] / median["torchvision", headline]
+        taken, total = winograd_layers(models["ours", headline][0], inputs)
+        print(f"beside the headline, ours with every convolution on the stock kernels as torchvision's "
+              f"({headline}; ours runs {taken} of its {total} 3x3 convolution calls by Winograd here, "
+              f"model/utils/cpu_conv.py): "
+              f"{median['ours, stock convs', headline] / median['torchvision', headline]:.3f}")
         print(f"beside the headline, fc6/fc7 on one kernel for both ({headline}; ours runs them on {kernel} "
               f"here): ours / torchvision with fc6/fc7 on oneDNN (to_mkldnn) {same_kernel:.3f}; ours with "
               f"fc6/fc7 on the default BLAS / torchvision {blas:.3f}")

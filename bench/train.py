@@ -69,7 +69,7 @@ from bench.floor import (  # noqa: E402
 from bench.inference import build_ours, build_torchvision, format_name, photo, write_json  # noqa: E402
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
-from model.utils import cpu_linear  # noqa: E402
+from model.utils import cpu_conv, cpu_linear  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
 from utils.amp import autocast, autocast_dtype, grad_scaler  # noqa: E402
 from utils.memory_format import choose_memory_format, keep_onednn_primitives  # noqa: E402
@@ -102,6 +102,15 @@ class OursBlasFcStep(OursStep):
 
     def __call__(self):
         with cpu_linear.backend("native"):
+            return super().__call__()
+
+
+class OursStockConvStep(OursStep):
+    """:class:`OursStep` with every convolution on PyTorch's stock kernels (``cpu_conv.backend('native')``),
+    as torchvision's run: reported beside the headline, where ours runs its wide 3x3 layers by Winograd."""
+
+    def __call__(self):
+        with cpu_conv.backend("native"):
             return super().__call__()
 
 
@@ -177,6 +186,7 @@ def vgg16_steps(args, device: torch.device) -> None:
                                                       batch=batch, amp=amp)
     blas_fc = device.type == "cpu" and not amp  # beside the headline: fc6/fc7 on one kernel for both
     if blas_fc:
+        steps["ours, stock convs", headline] = OursStockConvStep(raw, device, FORMATS[headline], batch, amp)
         steps["ours, fc on BLAS", headline] = OursBlasFcStep(raw, device, FORMATS[headline], batch, amp)
     for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
         step()
@@ -206,6 +216,12 @@ def vgg16_steps(args, device: torch.device) -> None:
     print(f"ratio ours / torchvision with its reference recipe's SGD ({headline}): "
           f"{median['ours', headline] / median['tv, ref. SGD', headline]:.3f} (for information)")
     if blas_fc:
+        winograd = sum(1 for c in calls if isinstance(c.module, cpu_conv.Conv2d)
+                       and cpu_conv.use_winograd(torch.empty(c.input_shape), c.module))
+        print(f"beside the headline, ours with every convolution on the stock kernels as torchvision's "
+              f"({headline}; ours runs {winograd} of its 3x3 convolution calls by Winograd here, "
+              f"model/utils/cpu_conv.py): "
+              f"{median['ours, stock convs', headline] / median['torchvision', headline]:.3f}")
         onednn = cpu_linear.use_onednn(torch.zeros(1, 1), torch.zeros(1, 1))
         print(f"beside the headline, ours with fc6/fc7 on the default BLAS as torchvision's ({headline}; "
               f"ours runs them on {'oneDNN' if onednn else 'the default BLAS'} here): "

@@ -37,6 +37,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from model.faster_rcnn import FasterRCNN, box_predictor
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D, roi_table
+from model.utils import cpu_conv
 from model.utils.pretrained import PretrainedWeightsError, read_state_dict, torchvision_state_dict
 
 __all__ = ["FasterRCNNResNet", "ResNetRoIHead", "decom_resnet"]
@@ -79,6 +80,7 @@ def decom_resnet(
         ``(N, 3, H, W) -> (N, 1024, hh, ww)`` at stride 16, conv1 and layer1 frozen (``requires_grad=False``).
         ``top``: layer4, ``(R, 1024, 14, 14) -> (R, 2048, 7, 7)``. Every normalisation layer is a
         ``FrozenBatchNorm2d`` (statistics and affine are buffers: no training-mode difference, no gradient).
+        The convolutions are :class:`model.utils.cpu_conv.Conv2d` (Winograd on the CPU where that is faster).
 
     Raises:
         ValueError: a depth other than 50 or 101.
@@ -108,10 +110,10 @@ def decom_resnet(
         model.fc = nn.Identity()  # the ImageNet classifier is dropped below; its weights are not loaded
         model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, assign=True)
 
-    extractor = nn.Sequential(*(getattr(model, name) for name in _EXTRACTOR_LAYERS))
+    extractor = cpu_conv.convert(nn.Sequential(*(getattr(model, name) for name in _EXTRACTOR_LAYERS)))
     for name in _FROZEN_LAYERS:
         getattr(model, name).requires_grad_(False)
-    return extractor, model.layer4
+    return extractor, cpu_conv.convert(model.layer4)
 
 
 def _check_resnet_state_dict(state, expected: dict[str, torch.Tensor], source: str, depth: int) -> dict:

@@ -25,7 +25,7 @@ from torch import nn
 from model.faster_rcnn import FasterRCNN, box_predictor
 from model.region_proposal_network import RegionProposalNetwork
 from model.roi_module import RoIPooling2D, roi_table
-from model.utils import cpu_linear
+from model.utils import cpu_conv, cpu_linear
 from model.utils.pretrained import PretrainedWeightsError, read_state_dict, torchvision_state_dict
 
 __all__ = ["FasterRCNNVGG16", "VGG16RoIHead", "decom_vgg16"]
@@ -51,8 +51,10 @@ def decom_vgg16(
 
     Returns:
         ``(extractor, classifier)``. ``extractor``: conv1_1 ... relu5_3, ``(N, 3, H, W) -> (N, 512, hh, ww)``,
-        conv1 and conv2 frozen (``requires_grad=False``). ``classifier``: fc6, ReLU, fc7, ReLU (with the
-        dropouts after each ReLU when ``use_drop``), ``(R, 25088) -> (R, 4096)``.
+        conv1 and conv2 frozen (``requires_grad=False``), its convolutions
+        :class:`model.utils.cpu_conv.Conv2d` (Winograd on the CPU where that is faster; the same parameters
+        and keys). ``classifier``: fc6, ReLU, fc7, ReLU (with the dropouts after each ReLU when
+        ``use_drop``), ``(R, 25088) -> (R, 4096)``.
 
     Raises:
         model.utils.pretrained.PretrainedWeightsError: ``'torchvision'`` and the weights cannot be downloaded
@@ -77,7 +79,7 @@ def decom_vgg16(
         _check_vgg16_state_dict(state, model.state_dict(), source)
         model.load_state_dict({k: v.to(torch.float32).contiguous() for k, v in state.items()}, assign=True)
 
-    extractor = nn.Sequential(*list(model.features)[:_N_EXTRACTOR_LAYERS])
+    extractor = cpu_conv.convert(nn.Sequential(*list(model.features)[:_N_EXTRACTOR_LAYERS]))
     for layer in extractor[:_N_FROZEN_LAYERS]:
         for p in layer.parameters():
             p.requires_grad_(False)

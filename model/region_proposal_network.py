@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from model.utils import cpu_conv
 from model.utils.bbox_tools import generate_anchor_base
 from model.utils.creator_tool import ProposalCreator
 from utils.array_tool import tonumpy
@@ -62,7 +63,7 @@ class RegionProposalNetwork(nn.Module):
         self.proposal_creator_params = full_proposal_params(proposal_creator_params)
         self.proposal_layer = ProposalCreator(**self.proposal_creator_params)
         n_anchor = self.anchor_base.shape[0]
-        self.conv1 = nn.Conv2d(in_channels, mid_channels, 3, 1, 1)
+        self.conv1 = cpu_conv.Conv2d(in_channels, mid_channels, 3, 1, 1)  # Winograd on the CPU where faster
         self.score = nn.Conv2d(mid_channels, n_anchor * 2, 1, 1, 0)
         self.loc = nn.Conv2d(mid_channels, n_anchor * 4, 1, 1, 0)
         for layer in (self.conv1, self.score, self.loc):

@@ -20,6 +20,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from model import FasterRCNNResNet, arch_of, build_faster_rcnn, canonical_arch
 from model.faster_rcnn_resnet import ResNetRoIHead, decom_resnet
+from model.utils import cpu_conv
 from model.utils.pretrained import PretrainedWeightsError
 from trainer import FasterRCNNTrainer
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -134,7 +135,10 @@ def test_structure_shapes_and_strides_on_the_meta_device(depth):
         top = model.head.top(torch.empty(5, 1024, 14, 14))
     assert features.shape == (1, 1024, 14, 20) and top.shape == (5, 2048, 7, 7)
     extractor = model.extractor
-    assert [type(m) for m in extractor[:4]] == [nn.Conv2d, FrozenBatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    # the convolutions are cpu_conv.Conv2d (Winograd on the CPU where it is faster), as VGG16's
+    assert [type(m) for m in extractor[:4]] == [cpu_conv.Conv2d, FrozenBatchNorm2d, nn.ReLU, nn.MaxPool2d]
+    convs = [m for m in [*extractor.modules(), *model.head.top.modules()] if isinstance(m, nn.Conv2d)]
+    assert all(type(m) is cpu_conv.Conv2d for m in convs)
     assert tuple(len(extractor[i]) for i in (4, 5, 6)) + (len(model.head.top),) == BLOCKS[depth]
     # torchvision's blocks stride in the 3x3 convolution: layer2, layer3 and layer4 halve, layer1 does not
     assert [extractor[i][0].conv2.stride for i in (4, 5, 6)] + [model.head.top[0].conv2.stride] == [

@@ -237,7 +237,9 @@ def _cache_key_fields(model: nn.Module, phase: str, image_size: tuple[int, int],
     """The fields the cached choice depends on (JSON-able)."""
     extractor = _extractor(model)
     trainable = [name for name, p in extractor.named_parameters() if p.requires_grad]
-    structure = repr(extractor) + "\n" + ",".join(trainable)  # layers, their settings, what is frozen
+    kernels = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in extractor.modules()})
+    # layers, their settings, what is frozen, and their classes (model.utils.cpu_conv.Conv2d or nn.Conv2d)
+    structure = repr(extractor) + "\n" + ",".join(trainable) + "\n" + ",".join(kernels)
     arch = getattr(model, "arch", None)
     return {
         "cpu": signature,
