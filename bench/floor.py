@@ -12,6 +12,11 @@ but the best rate measured among
   conv1/conv2 are frozen and need none, conv3_1 needs no input gradient);
 * every linear layer, forward and (training) backward, at its real input size.
 
+The layers are timed on PyTorch's stock kernels (``nn.Conv2d._conv_forward``: oneDNN's direct
+convolutions; ``F.linear``), whatever the model runs: the floor is what the stock kernels allow. Our wide
+3x3 convolutions take Winograd F(2x2, 3x3) on Intel CPUs (``model/utils/cpu_conv.py``), 4/9 of the
+multiply-adds, so ours may run below its layers timed alone.
+
 The floor is the model's FLOPs (multiply-add = 2; convolutions and linear layers; a backward product, input
 or weight gradient, costs the forward's) divided by that peak. A benchmark time below the floor means the
 peak was measured too low (a loaded machine while the layers were timed): :func:`floor_ratio_text` prints it

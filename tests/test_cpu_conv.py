@@ -82,6 +82,10 @@ def test_weight_transform_is_g_g_gt():
         for c in range(2):
             expected = g @ weight[kk, c] @ g.T  # (4, 4)
             assert torch.allclose(u[:, kk, c].view(4, 4), expected, rtol=0, atol=1e-14)
+    # the same in channels_last, and of the filters rotated by 180 degrees
+    assert torch.equal(cpu_conv.weight_transform(weight.contiguous(memory_format=torch.channels_last)), u)
+    rotated = cpu_conv.weight_transform(weight.flip(2, 3))
+    assert torch.allclose(cpu_conv.weight_transform(weight, flipped=True), rotated, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -93,9 +97,11 @@ def test_gradcheck(with_bias):
 
 
 @pytest.mark.parametrize("shape", [(2, 17, 70, 13, 6), (1, 130, 66, 31, 45)])
-def test_gradients_equal_the_stock_backward(shape):
+@pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last])
+def test_gradients_equal_the_stock_backward(shape, weight_format):
     gen = torch.Generator().manual_seed(6)
     x, weight, bias = random_case(gen, *shape, torch.float32, True)
+    weight = weight.contiguous(memory_format=weight_format)
     grad = torch.randn(shape[0], shape[2], shape[3], shape[4], generator=gen).contiguous(
         memory_format=torch.channels_last)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -105,6 +111,7 @@ def test_gradients_equal_the_stock_backward(shape):
     for name, a, b in zip(("input", "weight", "bias"), ours, stock, strict=True):
         assert rel_err(a, b) < 1e-5, name
         assert a.shape == b.shape
+    assert ours[1].is_contiguous(memory_format=weight_format)  # the weight gradient in the weight's layout
 
 
 def test_only_the_gradients_asked_for_are_computed():

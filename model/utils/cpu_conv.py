@@ -143,15 +143,69 @@ def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
             and x.shape[2] * x.shape[3] >= MIN_PIXELS)
 
 
-def weight_transform(weight: torch.Tensor) -> torch.Tensor:
-    """``U = G g G^T`` of every filter: ``(K, C, 3, 3)`` -> ``(16, K, C)``, position ``4 a + b`` first.
+def _gg(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``G kron G``, ``(16, 9)``: ``[4a+b, 3i+j] = G[a, i] G[b, j]``."""
+    g = torch.tensor(_G, dtype=dtype, device=device)
+    return torch.kron(g, g)
 
-    One product: ``U[4a+b, k, c] = sum_ij (G kron G)[4a+b, 3i+j] g[k, c, i, j]``, a ``(16, 9) @ (9, K C)``.
-    """
-    g = torch.tensor(_G, dtype=weight.dtype, device=weight.device)
-    gg = torch.kron(g, g)  # (16, 9): (G kron G)[4a+b, 3i+j] = G[a, i] G[b, j]
+
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """``(K, C, 3, 3)`` -> ``(K, 9, C)``, tap ``3i+j``: a view of a ``channels_last`` weight (its storage
+    order), a copy of another."""
     k, c = weight.shape[:2]
-    return (gg @ weight.reshape(k * c, 9).t()).view(16, k, c)
+    return weight.permute(0, 2, 3, 1).reshape(k, 9, c)
+
+
+def weight_transform(weight: torch.Tensor, flipped: bool = False) -> torch.Tensor:
+    """``U = G g G^T`` of every filter ``g``: ``(K, C, 3, 3)`` -> ``(16, K, C)``, position ``4a+b`` first.
+
+    One batched product, ``(16, 9) @ (K, 9, C)``, rows of ``C`` copied whole (no transposing copy of a
+    ``channels_last`` weight). ``flipped``: the transform of the filters rotated by 180 degrees (the
+    transposed convolution of the input gradient), tap ``3i+j`` read as ``8 - (3i+j)``.
+    """
+    gg = _gg(weight.dtype, weight.device)
+    if flipped:
+        gg = gg.flip(1)
+    return (gg @ _taps(weight)).transpose(0, 1).contiguous()  # (K, 16, C) -> (16, K, C)
+
+
+def _check_extension():
+    ext = _extension()
+    if ext is None:
+        raise RuntimeError("the Winograd extension is not built: run ./setup.sh (or, in model/utils, "
+                           "python build.py build_ext --inplace)")
+    return ext
+
+
+def _chunk(tiles: int, channels: int, element_size: int) -> int:
+    """Tiles per chunk: ``16 x chunk x channels`` values in about :data:`CHUNK_BYTES`."""
+    return max(1, min(tiles, CHUNK_BYTES // (16 * channels * element_size)))
+
+
+def _winograd(x: torch.Tensor, u_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The convolution of ``x`` ``(N, C, H, W)`` with the transformed filters ``u_t`` ``(16, C, K)`` (the
+    GEMMs' right operand, any strides BLAS reads), plus ``bias``; ``(N, K, H, W)`` as
+    :func:`winograd_conv2d` returns it."""
+    ext = _check_extension()
+    n, c, h, w = x.shape
+    k = u_t.shape[2]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): a view when x is channels_last
+    bias = bias.contiguous() if bias is not None else x.new_empty(0)
+    # a fresh channels_last tensor, not a permuted view: an in-place ReLU may follow the autograd Function
+    y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
+    y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    chunk = _chunk(tiles, max(c, k), x.element_size())
+    v = x.new_empty((16, chunk, c))
+    m = x.new_empty((16, chunk, k))
+    for t0 in range(0, tiles, chunk):
+        size = min(chunk, tiles - t0)
+        v_t, m_t = (v, m) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
+        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
+        torch.bmm(v_t, u_t, out=m_t)  # (16, size, C) @ (16, C, K) -> (16, size, K)
+        ext.output_transform(m_t, bias, t0, y_nhwc)
+    return y if channels_last else y.contiguous()
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,32 +220,19 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Returns:
         ``(N, K, H, W)``: ``channels_last`` when ``x`` is, else contiguous.
     """
-    ext = _extension()
-    if ext is None:
-        raise RuntimeError("the Winograd extension is not built: run ./setup.sh (or, in model/utils, "
-                           "python build.py build_ext --inplace)")
-    n, c, h, w = x.shape
+    _check_extension()
+    c = x.shape[1]
     k = weight.shape[0]
     if weight.shape != (k, c, 3, 3):
         raise ValueError(f"weight must be (K, {c}, 3, 3) for {c} input channels, got {tuple(weight.shape)}")
-    channels_last = x.is_contiguous(memory_format=torch.channels_last)
-    x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): a view when x is channels_last
-    u = weight_transform(weight).transpose(1, 2)  # (16, C, K), a transposed view: BLAS reads it in place
-    bias = bias.contiguous() if bias is not None else x.new_empty(0)
-    # a fresh channels_last tensor, not a permuted view: an in-place ReLU may follow the autograd Function
-    y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
-    y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(c, k) * x.element_size())))
-    v = x.new_empty((16, chunk, c))
-    m = x.new_empty((16, chunk, k))
-    for t0 in range(0, tiles, chunk):
-        size = min(chunk, tiles - t0)
-        v_t, m_t = (v, m) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
-        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
-        torch.bmm(v_t, u, out=m_t)  # (16, size, C) @ (16, C, K) -> (16, size, K)
-        ext.output_transform(m_t, bias, t0, y_nhwc)
-    return y if channels_last else y.contiguous()
+    return _winograd(x, weight_transform(weight).transpose(1, 2), bias)  # (16, C, K): a transposed view
+
+
+def winograd_input_grad(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The gradient w.r.t. ``x`` of ``F.conv2d(x, weight, padding=1)`` given ``grad`` ``(N, K, H, W)``: the
+    convolution of ``grad`` with the filters rotated by 180 degrees, input and output channels swapped;
+    ``(N, C, H, W)``."""
+    return _winograd(grad, weight_transform(weight, flipped=True), None)  # (16, K, C): K in, C out
 
 
 def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -203,18 +244,18 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
         weight: ``(K, C, 3, 3)``; only its shape, dtype and memory format are used.
 
     Returns:
-        ``(K, C, 3, 3)`` in ``weight``'s memory format: ``G^T dU G`` of ``dU[xi] = V[xi]^T @ dM[xi]`` summed
+        ``(K, C, 3, 3)`` in ``weight``'s memory format: ``G^T dU G`` of ``dU[xi] = dM[xi]^T @ V[xi]`` summed
         over the tiles, ``V`` the input tiles' transform and ``dM`` the output transform's adjoint of
         ``grad``.
     """
-    ext = _extension()
+    ext = _check_extension()
     n, c, h, w = x.shape
     k = grad.shape[1]
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
     g_nhwc = grad.permute(0, 2, 3, 1).contiguous()  # (N, H, W, K)
     tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(c, k) * x.element_size())))
-    du = x.new_zeros((16, c, k))
+    chunk = _chunk(tiles, max(c, k), x.element_size())
+    du = x.new_zeros((16, k, c))
     v = x.new_empty((16, chunk, c))
     dm = x.new_empty((16, chunk, k))
     for t0 in range(0, tiles, chunk):
@@ -222,10 +263,14 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
         v_t, dm_t = (v, dm) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
         ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
         ext.output_adjoint(g_nhwc, t0, dm_t)  # (16, size, K)
-        du.baddbmm_(v_t.transpose(1, 2), dm_t)  # += (16, C, size) @ (16, size, K)
-    g = torch.tensor(_G, dtype=x.dtype, device=x.device)
-    dw = (torch.kron(g, g).t() @ du.view(16, c * k)).view(3, 3, c, k)  # (9, 16) @ (16, C K): G^T dU G
-    return torch.empty_like(weight).copy_(dw.permute(3, 2, 0, 1))  # (K, C, 3, 3)
+        du.baddbmm_(dm_t.transpose(1, 2), v_t)  # += (16, K, size) @ (16, size, C)
+    taps = _gg(x.dtype, x.device).t() @ du.transpose(0, 1)  # (9, 16) @ (K, 16, C) -> (K, 9, C): G^T dU G
+    grad_weight = torch.empty_like(weight)  # weight's memory format
+    if grad_weight.is_contiguous(memory_format=torch.channels_last):
+        _taps(grad_weight).copy_(taps)  # a view of its storage: rows of C copied whole
+    else:
+        grad_weight.copy_(taps.view(k, 3, 3, c).permute(0, 3, 1, 2))
+    return grad_weight
 
 
 class WinogradConv2dFunction(torch.autograd.Function):
@@ -244,7 +289,7 @@ class WinogradConv2dFunction(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_x = grad_weight = grad_bias = None
         if need_x:  # the transposed convolution: the flipped filters, input and output channels swapped
-            grad_x = winograd_conv2d(grad, weight.flip(2, 3).transpose(0, 1), None)
+            grad_x = winograd_input_grad(grad, weight)
         if need_weight:
             grad_weight = winograd_weight_grad(x, grad, weight)
         if need_bias and ctx.has_bias:
