@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data.util import DataError, read_image
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.config import resolve_device
-from utils.memory_format import choose_memory_format, keep_onednn_primitives
+from utils.memory_format import choose_memory_format, keep_onednn_primitives, release_mkl_buffers
 from utils.vis_tool import vis_bbox
 
 __all__ = ["IMAGE_SUFFIXES", "BBOX_ORDER", "demo_image", "detect", "detections_record", "draw_detections",
@@ -291,6 +291,7 @@ def main(*inputs, load_path: str | None = None, out: str = "demo_out", score_thr
         device: auto (cuda when available), cpu, cuda or cuda:N.
     """
     keep_onednn_primitives()  # images of many sizes: keep every size's kernels
+    release_mkl_buffers()
     # Options that are not parameters land in ``unknown`` (fire would run first and complain afterwards).
     if unknown.keys() & {"help", "h"}:
         print(__doc__)

@@ -67,7 +67,7 @@ from utils.distributed import (
 )
 from utils.evaluation import ap_table, eval_loader, evaluate, evaluate_checkpoint
 from utils.interrupt import StopRequested, StopSignals, ignore_stop_signals
-from utils.memory_format import choose_memory_format, keep_onednn_primitives
+from utils.memory_format import choose_memory_format, keep_onednn_primitives, release_mkl_buffers
 from utils.run_state import RunState, TrainingRun, epoch_batches, epoch_order, restart_checkpoint, run_dir
 from utils.vis_tool import Visualizer, plot_evaluation, plot_training_pictures
 
@@ -199,6 +199,7 @@ def train(**kwargs) -> float | None:
         DistributedError: under torchrun, another process stopped answering.
     """
     keep_onednn_primitives()  # before the first convolution: images of many sizes reuse their kernels
+    release_mkl_buffers()
     cfg = Config.parse(kwargs)
     cpu_conv.set_backend(cfg.cpu_conv)
     device = init_distributed(cfg.torch_device(), cfg.dist_timeout)
@@ -333,6 +334,7 @@ def eval_checkpoint(**kwargs) -> float:
     options (``--voc-data-dir``, ``--test-num``, ``--device``...) may be given.
     """
     keep_onednn_primitives()
+    release_mkl_buffers()
     cfg = Config.parse(kwargs)
     cpu_conv.set_backend(cfg.cpu_conv)
     load_path = cfg.load_path

@@ -96,7 +96,7 @@ from model import FasterRCNN, FasterRCNNResNet, FasterRCNNVGG16  # noqa: E402
 from model.region_proposal_network import RegionProposalNetwork  # noqa: E402
 from model.utils import cpu_conv, cpu_linear  # noqa: E402
 from utils.amp import autocast, autocast_dtype  # noqa: E402
-from utils.memory_format import choose_memory_format, keep_onednn_primitives  # noqa: E402
+from utils.memory_format import choose_memory_format, keep_onednn_primitives, release_mkl_buffers  # noqa: E402
 
 N_FG_CLASS = 20
 
@@ -400,6 +400,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     keep_onednn_primitives()  # as train.py and demo.py do, for both models alike
+    release_mkl_buffers()
     device = torch.device(args.device)
     height, width = (600, 1000) if device.type == "cuda" else (600, 800)
     ours = build_ours(seed=0, backbone=args.backbone)

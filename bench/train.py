@@ -72,7 +72,7 @@ from data.dataset import preprocess  # noqa: E402
 from model.utils import cpu_conv, cpu_linear  # noqa: E402
 from trainer import FasterRCNNTrainer, get_optimizer  # noqa: E402
 from utils.amp import autocast, autocast_dtype, grad_scaler  # noqa: E402
-from utils.memory_format import choose_memory_format, keep_onednn_primitives  # noqa: E402
+from utils.memory_format import choose_memory_format, keep_onednn_primitives, release_mkl_buffers  # noqa: E402
 
 # Ground truth of the benchmark image, (y_min, x_min, y_max, x_max) in 600x800 pixels, and fg labels.
 BBOX = np.array([[60, 120, 560, 700], [200, 40, 420, 300], [300, 500, 520, 760]], dtype=np.float32)
@@ -330,6 +330,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     keep_onednn_primitives()  # as train.py and demo.py do, for both models alike
+    release_mkl_buffers()
     device = torch.device(args.device)
     if args.toy_pace:
         toy_pace(args, device)

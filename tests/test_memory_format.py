@@ -312,3 +312,12 @@ def test_keep_onednn_primitives_leaves_the_users_setting(monkeypatch):
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     assert mf.keep_onednn_primitives(4096) is True
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "4096"
+
+
+def test_release_mkl_buffers_leaves_the_users_setting(monkeypatch):
+    monkeypatch.setenv("MKL_DISABLE_FAST_MM", "0")
+    assert mf.release_mkl_buffers() is False
+    assert os.environ["MKL_DISABLE_FAST_MM"] == "0"
+    monkeypatch.delenv("MKL_DISABLE_FAST_MM")
+    assert mf.release_mkl_buffers() is True
+    assert os.environ["MKL_DISABLE_FAST_MM"] == "1"
