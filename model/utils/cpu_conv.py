@@ -55,7 +55,6 @@ Usage: :class:`Conv2d` is an ``nn.Conv2d`` whose forward takes this path where i
 back.
 """
 
-import contextlib
 import functools
 from collections.abc import Iterator
 
@@ -64,15 +63,17 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from model.utils.cpu_linear import cpu_is_amd
+from model.utils.kernel_switch import KernelSwitch
 
 __all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend",
            "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
 
+# 'auto' (default): Winograd for layers of at least 128 input and output channels on maps of at least 1500
+# pixels, on CPUs other than AMD's; 'winograd': wherever it applies; 'native': never (nn.Conv2d's kernels)
 BACKENDS = ("auto", "winograd", "native")
 MIN_CHANNELS = 128  # 'auto': fewer input or output channels stay on oneDNN (thin GEMMs, memory-bound)
 MIN_PIXELS = 1500  # 'auto': smaller maps (H x W of one image) stay on oneDNN (fixed costs)
 CHUNK_BYTES = 4 << 20  # transformed tiles per GEMM chunk (16 x T x channels values)
-_backend = "auto"
 
 # Winograd F(2x2, 3x3)'s weight transform (see winograd.cpp for the input and output transforms).
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -94,38 +95,15 @@ def winograd_available() -> bool:
     return _extension() is not None
 
 
-def set_backend(name: str) -> str:
-    """Choose how :func:`use_winograd` decides, for the whole process; returns the previous choice.
-
-    ``'auto'`` (default): Winograd for layers of at least 128 input and output channels on maps of at least
-    1500 pixels, on CPUs other than AMD's;
-    ``'winograd'``: wherever it applies; ``'native'``: never (every layer runs as ``nn.Conv2d`` does).
-    """
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"cpu_conv backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    return previous
-
-
-def get_backend() -> str:
-    """The current :func:`set_backend` choice."""
-    return _backend
-
-
-@contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """:func:`set_backend` for a ``with`` block (restored on exit)."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+_switch = KernelSwitch("cpu_conv", BACKENDS)
+set_backend = _switch.set  # the choice for the whole process; returns the previous one
+get_backend = _switch.get
+backend = _switch.use  # set_backend for a ``with`` block
 
 
 def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     """Whether ``conv(x)`` runs on the Winograd path (see the module docstring for the rule)."""
-    if _backend == "native" or not winograd_available():
+    if _switch.get() == "native" or not winograd_available():
         return False
     weight = conv.weight
     if x.device.type != "cpu" or weight.device.type != "cpu" or x.dim() != 4:
@@ -137,7 +115,7 @@ def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
     if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode) != (
             (3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros"):
         return False
-    if _backend == "winograd":
+    if _switch.get() == "winograd":
         return True
     return (not cpu_is_amd() and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
             and x.shape[2] * x.shape[3] >= MIN_PIXELS)
@@ -177,9 +155,17 @@ def _check_extension():
     return ext
 
 
-def _chunk(tiles: int, channels: int, element_size: int) -> int:
-    """Tiles per chunk: ``16 x chunk x channels`` values in about :data:`CHUNK_BYTES`."""
-    return max(1, min(tiles, CHUNK_BYTES // (16 * channels * element_size)))
+def _chunks(x: torch.Tensor, tiles: int, widths: tuple[int, int]
+            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(t0, a, b)`` for each chunk of the ``tiles``: buffers ``a`` ``(16, size, widths[0])`` and ``b``
+    ``(16, size, widths[1])`` of ``x``'s dtype, about :data:`CHUNK_BYTES` each, the same two for every full
+    chunk (the caller fills them)."""
+    chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(widths) * x.element_size())))
+    full = tuple(x.new_empty((16, chunk, width)) for width in widths)
+    for t0 in range(0, tiles, chunk):
+        size = min(chunk, tiles - t0)
+        a, b = full if size == chunk else (x.new_empty((16, size, width)) for width in widths)
+        yield t0, a, b
 
 
 def _winograd(x: torch.Tensor, u_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -196,15 +182,10 @@ def _winograd(x: torch.Tensor, u_t: torch.Tensor, bias: torch.Tensor | None) -> 
     y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
     tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = _chunk(tiles, max(c, k), x.element_size())
-    v = x.new_empty((16, chunk, c))
-    m = x.new_empty((16, chunk, k))
-    for t0 in range(0, tiles, chunk):
-        size = min(chunk, tiles - t0)
-        v_t, m_t = (v, m) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
-        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
-        torch.bmm(v_t, u_t, out=m_t)  # (16, size, C) @ (16, C, K) -> (16, size, K)
-        ext.output_transform(m_t, bias, t0, y_nhwc)
+    for t0, v, m in _chunks(x, tiles, (c, k)):
+        ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
+        torch.bmm(v, u_t, out=m)  # (16, size, C) @ (16, C, K) -> (16, size, K)
+        ext.output_transform(m, bias, t0, y_nhwc)
     return y if channels_last else y.contiguous()
 
 
@@ -254,16 +235,11 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
     g_nhwc = grad.permute(0, 2, 3, 1).contiguous()  # (N, H, W, K)
     tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    chunk = _chunk(tiles, max(c, k), x.element_size())
     du = x.new_zeros((16, k, c))
-    v = x.new_empty((16, chunk, c))
-    dm = x.new_empty((16, chunk, k))
-    for t0 in range(0, tiles, chunk):
-        size = min(chunk, tiles - t0)
-        v_t, dm_t = (v, dm) if size == chunk else (x.new_empty((16, size, c)), x.new_empty((16, size, k)))
-        ext.input_transform(x_nhwc, t0, v_t)  # (16, size, C)
-        ext.output_adjoint(g_nhwc, t0, dm_t)  # (16, size, K)
-        du.baddbmm_(dm_t.transpose(1, 2), v_t)  # += (16, K, size) @ (16, size, C)
+    for t0, v, dm in _chunks(x, tiles, (c, k)):
+        ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
+        ext.output_adjoint(g_nhwc, t0, dm)  # (16, size, K)
+        du.baddbmm_(dm.transpose(1, 2), v)  # += (16, K, size) @ (16, size, C)
     taps = _gg(x.dtype, x.device).t() @ du.transpose(0, 1)  # (9, 16) @ (K, 16, C) -> (K, 9, C): G^T dU G
     grad_weight = torch.empty_like(weight)  # weight's memory format
     if grad_weight.is_contiguous(memory_format=torch.channels_last):

@@ -40,9 +40,7 @@ Usage (``VGG16RoIHead``)::
     fc7 = cpu_linear.sequential(self.classifier, pool)  # fc6, ReLU, fc7, ReLU; the Linears via oneDNN
 """
 
-import contextlib
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -50,11 +48,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from model.utils.kernel_switch import KernelSwitch
+
 __all__ = ["BACKENDS", "OneDNNLinearFunction", "backend", "cpu_is_amd", "get_backend", "linear",
            "onednn_linear", "sequential", "set_backend", "use_onednn"]
 
+# 'auto' (default): oneDNN on AMD CPUs; 'onednn': oneDNN wherever it applies; 'native': never (every layer
+# runs as nn.Linear does)
 BACKENDS = ("auto", "onednn", "native")
-_backend = "auto"
 
 
 def _linear_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -67,37 +68,15 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def set_backend(name: str) -> str:
-    """Choose how :func:`use_onednn` decides, for the whole process; returns the previous choice.
-
-    ``'auto'`` (default): oneDNN on AMD CPUs; ``'onednn'``: oneDNN wherever it
-    applies; ``'native'``: never (every layer runs as ``nn.Linear`` does).
-    """
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"cpu_linear backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    return previous
-
-
-def get_backend() -> str:
-    """The current :func:`set_backend` choice."""
-    return _backend
-
-
-@contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """:func:`set_backend` for a ``with`` block (restored on exit)."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+_switch = KernelSwitch("cpu_linear", BACKENDS)
+set_backend = _switch.set  # the choice for the whole process; returns the previous one
+get_backend = _switch.get
+backend = _switch.use  # set_backend for a ``with`` block
 
 
 def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear(x, weight, ...)`` runs on oneDNN (see the module docstring for the rule)."""
-    if _backend == "native" or not _onednn_available():
+    if _switch.get() == "native" or not _onednn_available():
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu":
         return False
@@ -105,7 +84,7 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if x.dim() < 1 or x.numel() == 0 or torch.is_autocast_enabled("cpu"):
         return False
-    return _backend == "onednn" or cpu_is_amd()
+    return _switch.get() == "onednn" or cpu_is_amd()
 
 
 @functools.cache
