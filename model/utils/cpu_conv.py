@@ -1,4 +1,4 @@
-"""3x3 convolutions on the CPU by Winograd's minimal filtering, F(2x2, 3x3) (VGG16's and the RPN's layers).
+"""3x3 convolutions on the CPU by Winograd F(2x2, 3x3): VGG16's, ResNet's and the RPN's wide layers.
 
 A 3x3 convolution (stride 1, padding 1) computes each 2x2 block of output pixels from a 4x4 block of input
 pixels with 16 multiplications per input/output channel pair instead of 36 (Lavin and Gray, "Fast Algorithms
