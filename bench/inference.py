@@ -59,6 +59,7 @@ Usage: ``.venv/bin/python bench/inference.py [--threads 2] [--reps 5] [--device 
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import subprocess
@@ -258,31 +259,19 @@ def run_torchvision(model, inputs: Inputs):
         return model(inputs.tv)
 
 
-def run_ours_blas_fc(model, inputs: Inputs):
-    """``run_ours`` with fc6/fc7 on PyTorch's default BLAS (``cpu_linear.backend('native')``)."""
-    with cpu_linear.backend("native"):
+def run_ours_native(switch, model, inputs: Inputs):
+    """``run_ours`` with ``switch`` (``cpu_linear`` or ``cpu_conv``) on PyTorch's stock kernels
+    (``switch.backend('native')``), as torchvision's run: fc6/fc7 on the default BLAS, or every convolution
+    on oneDNN's direct kernels; reported beside the headline."""
+    with switch.backend("native"):
         return run_ours(model, inputs)
 
 
-def run_ours_stock_convs(model, inputs: Inputs):
-    """``run_ours`` with every convolution on PyTorch's stock kernels (``cpu_conv.backend('native')``), as
-    torchvision's run: reported beside the headline, where ours runs its wide 3x3 layers by Winograd."""
-    with cpu_conv.backend("native"):
-        return run_ours(model, inputs)
-
-
-def winograd_layers(model: FasterRCNN, inputs: Inputs) -> tuple[int, int]:
-    """``(taken, total)``: how many 3x3 convolution calls of one run of ours take the Winograd path."""
-    convs = [m for m in model.modules() if isinstance(m, cpu_conv.Conv2d) and m.kernel_size == (3, 3)]
-    taken = []
-    handles = [m.register_forward_pre_hook(lambda m, args: taken.append(cpu_conv.use_winograd(args[0], m)))
-               for m in convs]
-    try:
-        run_ours(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return sum(taken), len(taken)
+def winograd_calls(calls: list[LayerCall]) -> tuple[int, int]:
+    """``(taken, total)``: how many of a run's recorded 3x3 convolution calls take the Winograd path (the
+    rule asked with an input of each call's shape, never filled)."""
+    convs = [c for c in calls if isinstance(c.module, cpu_conv.Conv2d) and c.module.kernel_size == (3, 3)]
+    return sum(cpu_conv.use_winograd(torch.empty(c.input_shape), c.module) for c in convs), len(convs)
 
 
 def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN:
@@ -419,8 +408,10 @@ def main() -> None:
     # beside the headline: the fully connected layers on one kernel for both (CPU, float32, VGG16)
     side_by_side = device.type == "cpu" and not args.amp and args.backbone == "vgg16"
     if side_by_side:
-        models["ours, stock convs", headline] = (models["ours", headline][0], run_ours_stock_convs)
-        models["ours, fc on BLAS", headline] = (models["ours", headline][0], run_ours_blas_fc)
+        models["ours, stock convs", headline] = (models["ours", headline][0],
+                                                 functools.partial(run_ours_native, cpu_conv))
+        models["ours, fc on BLAS", headline] = (models["ours", headline][0],
+                                                functools.partial(run_ours_native, cpu_linear))
         models["tv, fc on oneDNN", headline] = (torchvision_onednn_fc(models["torchvision", headline][0]),
                                                 run_torchvision)
     inputs = Inputs(photo(height, width), device, args.batch_size, args.amp)
@@ -467,7 +458,7 @@ def main() -> None:
         kernel = "oneDNN" if onednn else "the default BLAS"
         same_kernel = median["ours", headline] / median["tv, fc on oneDNN", headline]
         blas = median["ours, fc on BLAS", headline] / median["torchvision", headline]
-        taken, total = winograd_layers(models["ours", headline][0], inputs)
+        taken, total = winograd_calls(calls)
         print(f"beside the headline, ours with every convolution on the stock kernels as torchvision's "
               f"({headline}; ours runs {taken} of its {total} 3x3 convolution calls by Winograd here, "
               f"model/utils/cpu_conv.py): "

@@ -66,7 +66,14 @@ from bench.floor import (  # noqa: E402
     floor_ratio_text,
     record_layer_calls,
 )
-from bench.inference import build_ours, build_torchvision, format_name, photo, write_json  # noqa: E402
+from bench.inference import (  # noqa: E402
+    build_ours,
+    build_torchvision,
+    format_name,
+    photo,
+    winograd_calls,
+    write_json,
+)
 from bench.ops import timed  # noqa: E402
 from data.dataset import preprocess  # noqa: E402
 from model.utils import cpu_conv, cpu_linear  # noqa: E402
@@ -96,21 +103,18 @@ class OursStep:
         return self.trainer.train_step(self.img, self.bbox, self.label, self.scale)
 
 
-class OursBlasFcStep(OursStep):
-    """:class:`OursStep` with fc6/fc7 on PyTorch's default BLAS (``cpu_linear.backend('native')``), as
-    torchvision's run: reported beside the headline, where ours runs them on oneDNN (AMD CPUs)."""
+class OursNativeStep(OursStep):
+    """:class:`OursStep` with ``switch`` (``cpu_linear`` or ``cpu_conv``) on PyTorch's stock kernels
+    (``switch.backend('native')``), as torchvision's run: fc6/fc7 on the default BLAS (ours runs them on
+    oneDNN on AMD CPUs), or every convolution on oneDNN's direct kernels (ours runs its wide 3x3 layers by
+    Winograd on Intel CPUs); reported beside the headline."""
+
+    def __init__(self, switch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.switch = switch
 
     def __call__(self):
-        with cpu_linear.backend("native"):
-            return super().__call__()
-
-
-class OursStockConvStep(OursStep):
-    """:class:`OursStep` with every convolution on PyTorch's stock kernels (``cpu_conv.backend('native')``),
-    as torchvision's run: reported beside the headline, where ours runs its wide 3x3 layers by Winograd."""
-
-    def __call__(self):
-        with cpu_conv.backend("native"):
+        with self.switch.backend("native"):
             return super().__call__()
 
 
@@ -186,8 +190,9 @@ def vgg16_steps(args, device: torch.device) -> None:
                                                       batch=batch, amp=amp)
     blas_fc = device.type == "cpu" and not amp  # beside the headline: fc6/fc7 on one kernel for both
     if blas_fc:
-        steps["ours, stock convs", headline] = OursStockConvStep(raw, device, FORMATS[headline], batch, amp)
-        steps["ours, fc on BLAS", headline] = OursBlasFcStep(raw, device, FORMATS[headline], batch, amp)
+        native_args = (raw, device, FORMATS[headline], batch, amp)
+        steps["ours, stock convs", headline] = OursNativeStep(cpu_conv, *native_args)
+        steps["ours, fc on BLAS", headline] = OursNativeStep(cpu_linear, *native_args)
     for step in steps.values():  # warm-up (oneDNN / cuDNN primitive selection)
         step()
     # the FLOP floor is a float32 one: under --amp it is not measured
@@ -216,10 +221,9 @@ def vgg16_steps(args, device: torch.device) -> None:
     print(f"ratio ours / torchvision with its reference recipe's SGD ({headline}): "
           f"{median['ours', headline] / median['tv, ref. SGD', headline]:.3f} (for information)")
     if blas_fc:
-        winograd = sum(1 for c in calls if isinstance(c.module, cpu_conv.Conv2d)
-                       and cpu_conv.use_winograd(torch.empty(c.input_shape), c.module))
+        taken, total = winograd_calls(calls)
         print(f"beside the headline, ours with every convolution on the stock kernels as torchvision's "
-              f"({headline}; ours runs {winograd} of its 3x3 convolution calls by Winograd here, "
+              f"({headline}; ours runs {taken} of its {total} 3x3 convolution calls by Winograd here, "
               f"model/utils/cpu_conv.py): "
               f"{median['ours, stock convs', headline] / median['torchvision', headline]:.3f}")
         onednn = cpu_linear.use_onednn(torch.zeros(1, 1), torch.zeros(1, 1))

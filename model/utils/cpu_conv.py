@@ -155,11 +155,13 @@ def _check_extension():
     return ext
 
 
-def _chunks(x: torch.Tensor, tiles: int, widths: tuple[int, int]
-            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """``(t0, a, b)`` for each chunk of the ``tiles``: buffers ``a`` ``(16, size, widths[0])`` and ``b``
-    ``(16, size, widths[1])`` of ``x``'s dtype, about :data:`CHUNK_BYTES` each, the same two for every full
-    chunk (the caller fills them)."""
+def _chunks(x: torch.Tensor, widths: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(t0, a, b)`` for each chunk of the 2x2 output tiles of ``x`` ``(N, C, H, W)`` (``N ceil(H/2)
+    ceil(W/2)`` of them): buffers ``a`` ``(16, size, widths[0])`` and ``b`` ``(16, size, widths[1])`` of
+    ``x``'s dtype, about :data:`CHUNK_BYTES` each, the same two for every full chunk (the caller fills
+    them)."""
+    n, _, h, w = x.shape
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
     chunk = max(1, min(tiles, CHUNK_BYTES // (16 * max(widths) * x.element_size())))
     full = tuple(x.new_empty((16, chunk, width)) for width in widths)
     for t0 in range(0, tiles, chunk):
@@ -181,8 +183,7 @@ def _winograd(x: torch.Tensor, u_t: torch.Tensor, bias: torch.Tensor | None) -> 
     # a fresh channels_last tensor, not a permuted view: an in-place ReLU may follow the autograd Function
     y = torch.empty((n, k, h, w), dtype=x.dtype, memory_format=torch.channels_last)
     y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    for t0, v, m in _chunks(x, tiles, (c, k)):
+    for t0, v, m in _chunks(x, (c, k)):
         ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
         torch.bmm(v, u_t, out=m)  # (16, size, C) @ (16, C, K) -> (16, size, K)
         ext.output_transform(m, bias, t0, y_nhwc)
@@ -201,7 +202,6 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     Returns:
         ``(N, K, H, W)``: ``channels_last`` when ``x`` is, else contiguous.
     """
-    _check_extension()
     c = x.shape[1]
     k = weight.shape[0]
     if weight.shape != (k, c, 3, 3):
@@ -230,13 +230,11 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
         ``grad``.
     """
     ext = _check_extension()
-    n, c, h, w = x.shape
-    k = grad.shape[1]
+    c, k = x.shape[1], grad.shape[1]
     x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C)
     g_nhwc = grad.permute(0, 2, 3, 1).contiguous()  # (N, H, W, K)
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
     du = x.new_zeros((16, k, c))
-    for t0, v, dm in _chunks(x, tiles, (c, k)):
+    for t0, v, dm in _chunks(x, (c, k)):
         ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
         ext.output_adjoint(g_nhwc, t0, dm)  # (16, size, K)
         du.baddbmm_(dm.transpose(1, 2), v)  # += (16, K, size) @ (16, size, C)
