@@ -14,7 +14,7 @@ but the best rate measured among
 
 The layers are timed on PyTorch's stock kernels (``nn.Conv2d._conv_forward``: oneDNN's direct
 convolutions; ``F.linear``), whatever the model runs: the floor is what the stock kernels allow. Our wide
-3x3 convolutions take Winograd F(2x2, 3x3) on Intel CPUs (``model/utils/cpu_conv.py``), 4/9 of the
+3x3 convolutions take Winograd F(2x2, 3x3) on the CPU (``model/utils/cpu_conv.py``), 4/9 of the
 multiply-adds, so ours may run below its layers timed alone.
 
 The floor is the model's FLOPs (multiply-add = 2; convolutions and linear layers; a backward product, input

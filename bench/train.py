@@ -107,7 +107,7 @@ class OursNativeStep(OursStep):
     """:class:`OursStep` with ``switch`` (``cpu_linear`` or ``cpu_conv``) on PyTorch's stock kernels
     (``switch.backend('native')``), as torchvision's run: fc6/fc7 on the default BLAS (ours runs them on
     oneDNN on AMD CPUs), or every convolution on oneDNN's direct kernels (ours runs its wide 3x3 layers by
-    Winograd on Intel CPUs); reported beside the headline."""
+    Winograd); reported beside the headline."""
 
     def __init__(self, switch, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -42,6 +42,31 @@ def test_extension_is_built():
     assert cpu_conv.winograd_available()
 
 
+@pytest.fixture(params=["torch", "onednn"])
+def gemm_engine(request, monkeypatch):
+    """Both GEMM engines of the Winograd path on any machine: ``torch.bmm`` (Intel CPUs) and oneDNN's matmul
+    (AMD CPUs), chosen by the vendor rule that :func:`cpu_conv.onednn_gemm` follows."""
+    amd = request.param == "onednn"
+    monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: amd)
+    if amd and not cpu_conv.onednn_gemm(torch.zeros(1)):
+        pytest.skip("this torch build exports no oneDNN matmul")
+    return request.param
+
+
+def test_gemm_engines_against_float64(gemm_engine):
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(16, 70, 130, generator=gen)
+    b = torch.randn(16, 66, 130, generator=gen).transpose(1, 2)  # (16, 130, 66), a transposed view
+    out = torch.randn(16, 70, 66, generator=gen)
+    start = out.clone()
+    expected = a.double() @ b.double()
+    cpu_conv._gemm(a, b, out, accumulate=True)
+    assert rel_err(out.double(), start.double() + expected) < 1e-5
+    cpu_conv._gemm(a.transpose(1, 2).contiguous().transpose(1, 2), b, out)  # a transposed too; overwrites
+    assert rel_err(out.double(), expected) < 1e-5
+    assert not cpu_conv.onednn_gemm(a.double())  # float64 always takes torch.bmm
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_forward_equals_conv2d_in_float64(shape, channels_last):
@@ -54,7 +79,7 @@ def test_forward_equals_conv2d_in_float64(shape, channels_last):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_equals_conv2d_in_float32(shape):
+def test_forward_equals_conv2d_in_float32(shape, gemm_engine):
     gen = torch.Generator().manual_seed(1 + hash(shape) % 2**31)
     x, weight, bias = random_case(gen, *shape, torch.float32, True)
     assert rel_err(cpu_conv.winograd_conv2d(x, weight, bias), F.conv2d(x, weight, bias, padding=1)) < 1e-5
@@ -98,7 +123,7 @@ def test_gradcheck(with_bias):
 
 @pytest.mark.parametrize("shape", [(2, 17, 70, 13, 6), (1, 130, 66, 31, 45)])
 @pytest.mark.parametrize("weight_format", [torch.contiguous_format, torch.channels_last])
-def test_gradients_equal_the_stock_backward(shape, weight_format):
+def test_gradients_equal_the_stock_backward(shape, weight_format, gemm_engine):
     gen = torch.Generator().manual_seed(6)
     x, weight, bias = random_case(gen, *shape, torch.float32, True)
     weight = weight.contiguous(memory_format=weight_format)
@@ -148,7 +173,6 @@ def conv(c: int, k: int, **kwargs) -> cpu_conv.Conv2d:
 
 def test_use_winograd_rule(monkeypatch):
     big = torch.zeros(1, 128, 40, 40)  # 1600 pixels
-    monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: False)
     with cpu_conv.backend("auto"):
         assert cpu_conv.use_winograd(big, conv(128, 128))
         assert not cpu_conv.use_winograd(big[:, :64], conv(64, 128))  # too few channels
@@ -156,8 +180,6 @@ def test_use_winograd_rule(monkeypatch):
         assert not cpu_conv.use_winograd(big[:, :, :30, :30], conv(128, 128))  # a small map
         assert cpu_conv.use_winograd(torch.zeros(4, 128, 39, 39), conv(128, 128))  # per image, not batch
         assert not cpu_conv.use_winograd(torch.zeros(4, 128, 30, 30), conv(128, 128))
-        monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: True)
-        assert not cpu_conv.use_winograd(big, conv(128, 128))  # AMD: oneDNN's direct kernels
     small = torch.zeros(1, 4, 5, 5)
     with cpu_conv.backend("winograd"):
         assert cpu_conv.use_winograd(small, conv(4, 4))

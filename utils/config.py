@@ -143,7 +143,7 @@ class Config:
                                         "'contiguous'",
                                 choices=("auto", "channels_last", "contiguous"))
     cpu_conv: str = option("auto", "CPU 3x3 convolutions: 'auto' (Winograd F(2x2, 3x3) for layers of >= 128 "
-                                   "channels on maps of >= 1500 pixels, on non-AMD CPUs), 'winograd' or "
+                                   "channels on maps of >= 1500 pixels), 'winograd' or "
                                    "'native' (PyTorch's stock kernels); see model/utils/cpu_conv.py",
                            choices=("auto", "winograd", "native"))
     device: str = option("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (under "

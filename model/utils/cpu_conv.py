@@ -4,9 +4,10 @@ A 3x3 convolution (stride 1, padding 1) computes each 2x2 block of output pixels
 pixels with 16 multiplications per input/output channel pair instead of 36 (Lavin and Gray, "Fast Algorithms
 for Convolutional Neural Networks", CVPR 2016): the input tiles and the weights are transformed
 (``model/utils/winograd.cpp``; ``U = G g G^T`` here), multiplied position by position as 16 GEMMs
-``(tiles, C) @ (C, K)`` (one ``torch.bmm``), and transformed back. The GEMMs do 4/9 of the direct
-convolution's multiply-adds, so where the GEMM runs near the rate of oneDNN's direct kernels the layer takes
-about half the time. On an Intel Xeon (``cpu family`` 6, model 207, AVX-512, 2 threads), VGG16's layers at
+``(tiles, C) @ (C, K)`` (one batched GEMM: ``torch.bmm``, or oneDNN's matmul on AMD CPUs,
+:func:`onednn_gemm`), and transformed back. The GEMMs do 4/9 of the direct convolution's multiply-adds, so
+where the GEMM runs near the rate of oneDNN's direct kernels the layer takes about half the time. On an Intel
+Xeon (``cpu family`` 6, model 207, AVX-512, 2 threads), VGG16's layers at
 600x800, channels-last, forward, best of 5 (the ratio: three such measurements):
 
     ====================================  ===========  ==========  ================
@@ -42,13 +43,17 @@ gradient); the bias gradient is the upstream gradient's sum.
 Where it applies (:func:`use_winograd`): a float32 (or float64) input on the CPU, outside ``torch.autocast``,
 a 3x3 kernel with stride 1, padding 1, dilation 1, one group and zero padding, the extension built
 (``setup.sh``), and the backend (:func:`set_backend`) ``'winograd'``, or ``'auto'`` (the default) for a
-layer of at least 128 input and output channels on maps of at least 1500 pixels per image (the table above),
-on a CPU that is not AMD's (measured on Intel). The rule looks at one image's map, not the batch, so an
-image takes the same path alone or in a batch. ``'auto'`` leaves AMD CPUs on oneDNN's direct kernels: there
-PyTorch's GEMM (MKL's sgemm) runs at half of oneDNN's rate (``model/utils/cpu_linear.py``), which would eat
-the 2.25x fewer multiplications (not measured for this layer yet). Everything else (CUDA, where cuDNN picks
-its own algorithms, other dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and
-state-dict keys are untouched.
+layer of at least 128 input and output channels on maps of at least 1500 pixels per image (the table above).
+The rule looks at one image's map, not the batch, so an image takes the same path alone or in a batch. It
+holds on both CPU kinds it was measured on: the Intel Xeon above and an AMD EPYC Zen 4 (``cpu family`` 25,
+model 17, AVX-512, 2 threads), where the same layers forward take 0.74-0.85x oneDNN's time from conv3_1 on
+and forward + both gradients 0.66-0.78x (conv3_2: 155 -> 121 ms forward, 526 -> 355 ms with the
+gradients), while conv2_1 (64 channels) takes 2x; inside the whole VGG16 forward the gain shrinks to
+0-10% there (the training step keeps it: 0.73-0.75x torchvision's against 0.91-0.93x on the stock kernels).
+The previous release kept AMD CPUs on oneDNN's direct kernels, assuming PyTorch's GEMM was as slow there as
+for fc6 (``model/utils/cpu_linear.py``); for these shapes it is not, and oneDNN's matmul (:func:`onednn_gemm`)
+is faster still. Everything else (CUDA, where cuDNN picks its own algorithms, other dtypes, autocast, other
+layer shapes) runs ``F.conv2d`` unchanged. Parameters and state-dict keys are untouched.
 
 Usage: :class:`Conv2d` is an ``nn.Conv2d`` whose forward takes this path where it applies;
 :func:`convert` turns a module's ``nn.Conv2d`` layers into it (same parameter tensors) and :func:`to_native`
@@ -66,10 +71,10 @@ from model.utils.cpu_linear import cpu_is_amd
 from model.utils.kernel_switch import KernelSwitch
 
 __all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend",
-           "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
+           "onednn_gemm", "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
 
 # 'auto' (default): Winograd for layers of at least 128 input and output channels on maps of at least 1500
-# pixels, on CPUs other than AMD's; 'winograd': wherever it applies; 'native': never (nn.Conv2d's kernels)
+# pixels; 'winograd': wherever it applies; 'native': never (nn.Conv2d's kernels)
 BACKENDS = ("auto", "winograd", "native")
 MIN_CHANNELS = 128  # 'auto': fewer input or output channels stay on oneDNN (thin GEMMs, memory-bound)
 MIN_PIXELS = 1500  # 'auto': smaller maps (H x W of one image) stay on oneDNN (fixed costs)
@@ -117,8 +122,7 @@ def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         return False
     if _switch.get() == "winograd":
         return True
-    return (not cpu_is_amd() and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS
-            and x.shape[2] * x.shape[3] >= MIN_PIXELS)
+    return min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS and x.shape[2] * x.shape[3] >= MIN_PIXELS
 
 
 def _gg(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -155,6 +159,29 @@ def _check_extension():
     return ext
 
 
+def onednn_gemm(a: torch.Tensor) -> bool:
+    """Whether the Winograd GEMMs on ``a``'s dtype run on oneDNN's matmul rather than ``torch.bmm``: float32
+    on an AMD CPU (:func:`model.utils.cpu_linear.cpu_is_amd`, the rule fc6/fc7 follow), when the torch build
+    exports the matmul (``winograd.cpp``).
+
+    PyTorch's ``torch.bmm`` is MKL's batched sgemm, which on an AMD EPYC Zen 4 (``cpu family`` 25, model 17,
+    2 threads) runs VGG16's Winograd GEMMs at 0.75-0.95x oneDNN's rate (medians: 144-157 against 164-197
+    GFLOP/s) and changes pace from run to run (86-187 GFLOP/s for one shape); on Intel CPUs MKL stays."""
+    ext = _extension()
+    return a.dtype == torch.float32 and cpu_is_amd() and ext is not None and ext.onednn_gemm_available()
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+    """``out = a @ b`` (``out += a @ b`` when ``accumulate``) for ``(16, M, K) @ (16, K, N)``: ``out``
+    contiguous, ``a`` and ``b`` contiguous or transposed in their last two dimensions."""
+    if onednn_gemm(a):
+        _extension().onednn_gemm(a, b, out, 1.0 if accumulate else 0.0)
+    elif accumulate:
+        out.baddbmm_(a, b)
+    else:
+        torch.bmm(a, b, out=out)
+
+
 def _chunks(x: torch.Tensor, widths: tuple[int, int]) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """``(t0, a, b)`` for each chunk of the 2x2 output tiles of ``x`` ``(N, C, H, W)`` (``N ceil(H/2)
     ceil(W/2)`` of them): buffers ``a`` ``(16, size, widths[0])`` and ``b`` ``(16, size, widths[1])`` of
@@ -185,7 +212,7 @@ def _winograd(x: torch.Tensor, u_t: torch.Tensor, bias: torch.Tensor | None) -> 
     y_nhwc = y.permute(0, 2, 3, 1)  # (N, H, W, K), contiguous: the same storage in its own order
     for t0, v, m in _chunks(x, (c, k)):
         ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
-        torch.bmm(v, u_t, out=m)  # (16, size, C) @ (16, C, K) -> (16, size, K)
+        _gemm(v, u_t, m)  # (16, size, C) @ (16, C, K) -> (16, size, K)
         ext.output_transform(m, bias, t0, y_nhwc)
     return y if channels_last else y.contiguous()
 
@@ -237,7 +264,7 @@ def winograd_weight_grad(x: torch.Tensor, grad: torch.Tensor, weight: torch.Tens
     for t0, v, dm in _chunks(x, (c, k)):
         ext.input_transform(x_nhwc, t0, v)  # (16, size, C)
         ext.output_adjoint(g_nhwc, t0, dm)  # (16, size, K)
-        du.baddbmm_(dm.transpose(1, 2), v)  # += (16, K, size) @ (16, size, C)
+        _gemm(dm.transpose(1, 2), v, du, accumulate=True)  # += (16, K, size) @ (16, size, C)
     taps = _gg(x.dtype, x.device).t() @ du.transpose(0, 1)  # (9, 16) @ (K, 16, C) -> (K, 9, C): G^T dU G
     grad_weight = torch.empty_like(weight)  # weight's memory format
     if grad_weight.is_contiguous(memory_format=torch.channels_last):

@@ -8,7 +8,8 @@
 //   G   = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1].
 // The sum over input channels is, for each of the 16 positions xi, one matrix product
 //   M[xi] (tiles x K) = V[xi] (tiles x C) @ U[xi] (C x K),
-// which model/utils/cpu_conv.py runs as a batched GEMM (torch.bmm) between the two transforms here. The weight
+// which model/utils/cpu_conv.py runs as a batched GEMM (torch.bmm, or oneDNN's matmul: onednn_gemm below)
+// between the two transforms here. The weight
 // gradient runs the same algebra backwards: dU[xi] (C x K) = V[xi]^T @ dM[xi], dM = A dY A^T per tile (the
 // adjoint of the output transform, output_adjoint below), and dg = G^T dU G.
 //
@@ -27,6 +28,8 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <vector>
@@ -282,6 +285,36 @@ void output_adjoint(const at::Tensor& grad, int64_t t0, at::Tensor dm) {
                              [&] { output_adjoint_impl<scalar_t>(grad, t0, dm); });
 }
 
+// oneDNN's matmul as PyTorch links it: at::native::mkldnn_matmul(a, b, out, beta, alpha) computes
+// out = beta * out + alpha * (a @ b) for 2-D or batched 3-D operands (any of them transposed in its last two
+// dimensions). libtorch_cpu exports it but ships no header for it, and PyTorch only routes float32 products
+// there in reduced precision, so it is looked up by name at run time: a torch build without it leaves
+// onednn_gemm_available() false and model/utils/cpu_conv.py on torch.bmm.
+using MkldnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+
+MkldnnMatmul mkldnn_matmul() {
+  static const MkldnnMatmul fn = reinterpret_cast<MkldnnMatmul>(
+      dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff"));
+  return fn;
+}
+
+bool onednn_gemm_available() { return mkldnn_matmul() != nullptr; }
+
+// out (B, M, N) = beta * out + a (B, M, K) @ b (B, K, N), float32, on oneDNN; beta is 0 or 1.
+void onednn_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor out, double beta) {
+  TORCH_CHECK(onednn_gemm_available(), "winograd onednn_gemm: this torch build has no oneDNN matmul");
+  for (const at::Tensor* t : {&a, &b, static_cast<const at::Tensor*>(&out)}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 3,
+                "winograd onednn_gemm: operands must be 3-D float32 CPU tensors");
+  }
+  TORCH_CHECK(out.is_contiguous(), "winograd onednn_gemm: out must be contiguous");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(0) == out.size(0) && a.size(1) == out.size(1) &&
+                  a.size(2) == b.size(1) && b.size(2) == out.size(2),
+              "winograd onednn_gemm: shapes must be (B, M, K) @ (B, K, N) -> (B, M, N)");
+  TORCH_CHECK(beta == 0.0 || beta == 1.0, "winograd onednn_gemm: beta must be 0 or 1");
+  mkldnn_matmul()(a, b, out, static_cast<float>(beta), 1.0f);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -291,4 +324,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "m (16,T,K), bias (K,) or empty, t0, y (N,H,W,K): y = A^T m A + bias of tiles t0..");
   module.def("output_adjoint", &output_adjoint,
              "grad (N,H,W,K), t0, dm (16,T,K): dm = A grad A^T of tiles t0.. (output_transform's adjoint)");
+  module.def("onednn_gemm_available", &onednn_gemm_available, "whether this torch exports oneDNN's matmul");
+  module.def("onednn_gemm", &onednn_gemm, "a (B,M,K), b (B,K,N), out (B,M,N), beta 0|1: out = beta out + a @ b");
 }
