@@ -125,7 +125,7 @@ def test_cache_key_follows_the_frozen_parameters(tmp_path, monkeypatch):
     assert len(counter.calls) == 2
 
 
-@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"version": 1, "entries": [3]}',
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"version": 2, "entries": [3]}',
                                      b'{"version": 99, "entries": {}}', b"\xff\xfe\x00garbage"])
 def test_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeypatch, content):
     counter = ProbeCounter(monkeypatch)
@@ -135,11 +135,27 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, monkeyp
         fmt = choose_memory_format(toy(), "inference", SIZE, cache_dir=tmp_path, log=None)
     assert fmt == torch.contiguous_format and len(counter.calls) == 1
     data = json.loads((tmp_path / CACHE_FILE).read_text())  # rewritten, valid
-    assert data["version"] == 1 and len(data["entries"]) == 1
+    assert data["version"] == 2 and len(data["entries"]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert choose_memory_format(toy(), "inference", SIZE, cache_dir=tmp_path, log=None) == fmt
     assert len(counter.calls) == 1
+
+
+def test_an_older_release_cache_is_probed_again_without_a_warning(tmp_path, monkeypatch):
+    # version 1 was measured on other kernels (before Winograd ran on AMD CPUs): its choices do not count
+    counter = ProbeCounter(monkeypatch)
+    slow_format(monkeypatch, "channels_last")
+    choose_memory_format(toy(), "inference", SIZE, cache_dir=tmp_path, log=None)
+    data = json.loads((tmp_path / CACHE_FILE).read_text())
+    (entry,) = data["entries"].values()
+    entry["choice"] = "channels_last"  # what the old kernels might have measured
+    (tmp_path / CACHE_FILE).write_text(json.dumps({"version": 1, "entries": data["entries"]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fmt = choose_memory_format(toy(), "inference", SIZE, cache_dir=tmp_path, log=None)
+    assert fmt == torch.contiguous_format and len(counter.calls) == 2  # measured again
+    assert json.loads((tmp_path / CACHE_FILE).read_text())["version"] == 2
 
 
 def test_invalid_entry_is_probed_again_and_other_entries_kept(tmp_path, monkeypatch):

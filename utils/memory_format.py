@@ -52,7 +52,9 @@ _RELEVANT_FLAGS = frozenset((
     "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
     "avx_vnni", "amx_bf16", "amx_tile", "amx_int8", "asimd", "sve", "sve2", "bf16", "i8mm",
 ))
-_CACHE_VERSION = 1
+# 2: the CPU convolutions' kernels changed (model/utils/cpu_conv.py: Winograd on AMD CPUs too), so the choices
+# an older release measured are measured again (a cache of an older version is dropped without a warning)
+_CACHE_VERSION = 2
 # oneDNN primitives (compiled kernels) kept per process by keep_onednn_primitives (oneDNN's default: 1024)
 ONEDNN_CACHE_CAPACITY = 65536
 
@@ -327,7 +329,10 @@ def _read_cache(path: Path) -> dict:
         return {}
     try:
         data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
+        version = data.get("version") if isinstance(data, dict) else None
+        if isinstance(version, int) and 1 <= version < _CACHE_VERSION:
+            return {}  # an older release's measurements, of other kernels: probed again, then rewritten
+        if version != _CACHE_VERSION:
             raise ValueError(f"not a version-{_CACHE_VERSION} memory-format cache")
         entries = data["entries"]
         if not isinstance(entries, dict):
