@@ -240,8 +240,8 @@ def _train(cfg: Config, device: torch.device) -> float | None:
         barrier()
     # the extractor's memory format that trains fastest on this CPU (rank 0 measures, once per machine)
     size = resized_size(dataset.image_size(0), cfg.min_size, cfg.max_size)
-    memory_format = broadcast_object(choose_memory_format(model, "training", size, cfg.memory_format)
-                                     if main else None)
+    memory_format = broadcast_object(
+        choose_memory_format(model, "training", size, cfg.memory_format, amp=cfg.amp) if main else None)
     model.to(memory_format=memory_format)
     lr = cfg.lr * images_per_step if cfg.scale_lr else cfg.lr
     trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names, lr=lr)

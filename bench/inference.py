@@ -398,7 +398,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}, {args.backbone}, {precision}, batch {args.batch_size} x image "
           f"{height}x{width} (chelsea), random init; CPU {cpu_text()}")
     headline = format_name(choose_memory_format(ours.to(device), "inference", (height, width),
-                                                setting=args.memory_format))
+                                                setting=args.memory_format, amp=args.amp))
     models = {}
     for fmt, memory_format in FORMATS.items():
         model = copy.deepcopy(ours) if fmt == "contiguous" else ours

@@ -179,7 +179,7 @@ def vgg16_steps(args, device: torch.device) -> None:
           f"{cpu_text()}")
     probe_model = build_ours(seed=0).train().to(device)
     headline = format_name(choose_memory_format(probe_model, "training", (height, width),
-                                                setting=args.memory_format))
+                                                setting=args.memory_format, amp=args.amp))
     del probe_model
     steps = {}
     batch, amp = args.batch_size, args.amp
@@ -296,7 +296,7 @@ def toy_pace(args, device: torch.device, steps: int = 40, warmup: int = 5) -> No
         dataset = Dataset(cfg)
         model = build_model(cfg, len(dataset.label_names)).to(device)
         size = resized_size(dataset.image_size(0), cfg.min_size, cfg.max_size)
-        model.to(memory_format=choose_memory_format(model, "training", size, cfg.memory_format))
+        model.to(memory_format=choose_memory_format(model, "training", size, cfg.memory_format, amp=cfg.amp))
         trainer = FasterRCNNTrainer.from_config(model, cfg, class_names=dataset.label_names,
                                                 lr=cfg.lr * batch)
         batches = [collate_train([dataset[i * batch + j] for j in range(batch)], multiple=model.feat_stride)

@@ -12,7 +12,7 @@ import torch
 
 from model.faster_rcnn_toy import FasterRCNNToy
 from utils import memory_format as mf
-from utils.memory_format import CACHE_FILE, choose_memory_format, cpu_signature
+from utils.memory_format import CACHE_FILE, PHASES, choose_memory_format, cpu_signature
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (48, 64)  # small: a real probe of the toy extractor takes milliseconds
@@ -30,9 +30,9 @@ class ProbeCounter:
         self.calls = []
         real = mf._probe
 
-        def probe(model, phase, image_size, reps):
-            self.calls.append((phase, tuple(image_size)))
-            return real(model, phase, image_size, reps)
+        def probe(model, phase, image_size, reps, amp=False):
+            self.calls.append((phase, tuple(image_size)) + (("amp",) if amp else ()))
+            return real(model, phase, image_size, reps, amp)
 
         monkeypatch.setattr(mf, "_probe", probe)
 
@@ -90,8 +90,8 @@ def test_cache_is_reused_and_keyed_per_phase_size_threads_and_model(tmp_path, mo
     slow_format(monkeypatch, "contiguous")
     model = toy()
 
-    def choose(phase="training", size=SIZE, m=model, log=None):
-        return choose_memory_format(m, phase, size, cache_dir=tmp_path, log=log)
+    def choose(phase="training", size=SIZE, m=model, log=None, amp=False):
+        return choose_memory_format(m, phase, size, cache_dir=tmp_path, log=log, amp=amp)
 
     assert choose() == torch.channels_last
     assert len(counter.calls) == 1
@@ -110,9 +110,12 @@ def test_cache_is_reused_and_keyed_per_phase_size_threads_and_model(tmp_path, mo
     assert len(counter.calls) == 4
     choose(m=toy(channels=(8, 24)))  # another extractor
     assert len(counter.calls) == 5
-    choose(), choose(phase="inference"), choose(size=(64, 48))  # all cached now
-    assert len(counter.calls) == 5
-    assert len(json.loads((tmp_path / CACHE_FILE).read_text())["entries"]) == 5
+    lines = []
+    choose(amp=True, log=lines.append)  # another precision: --amp's autocast
+    assert counter.calls[5] == ("training", SIZE, "amp") and "under --amp" in lines[0]
+    choose(), choose(phase="inference"), choose(size=(64, 48)), choose(amp=True)  # all cached now
+    assert len(counter.calls) == 6
+    assert len(json.loads((tmp_path / CACHE_FILE).read_text())["entries"]) == 6
     assert [p.name for p in tmp_path.iterdir()] == [CACHE_FILE]  # no temp file left behind
 
 
@@ -208,6 +211,17 @@ def test_probe_leaves_model_grads_mode_and_rng_alone(tmp_path, phase, mode):
         else:
             assert torch.equal(p.grad, grads[name]), name
     assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+@pytest.mark.parametrize("amp, dtype", [(False, torch.float32), (True, torch.bfloat16)])
+@pytest.mark.parametrize("phase", PHASES)
+def test_probe_computes_in_the_runs_precision(tmp_path, amp, dtype, phase):
+    seen = set()
+    model = toy()
+    # the probe runs deep copies of the extractor: the hook travels with them
+    model.extractor[0].register_forward_hook(lambda module, inputs, out: seen.add(out.dtype))
+    choose_memory_format(model, phase, SIZE, cache_dir=tmp_path, log=None, reps=1, amp=amp)
+    assert seen == {dtype}
 
 
 def test_real_probe_of_the_toy_model(tmp_path):

@@ -139,8 +139,8 @@ class Config:
     roi_sigma: float = option(1.0, "sigma of the RoI head's smooth L1 localisation loss")
     seed: int | None = option(None, "seed of every random generator (None: a different run each time)")
     memory_format: str = option("auto", "CPU memory format of the extractor: 'auto' (measured once per "
-                                        "machine, phase and size, then cached), 'channels_last' or "
-                                        "'contiguous'",
+                                        "machine, phase, precision (--amp) and size, then cached), "
+                                        "'channels_last' or 'contiguous'",
                                 choices=("auto", "channels_last", "contiguous"))
     cpu_conv: str = option("auto", "CPU 3x3 convolutions: 'auto' (Winograd F(2x2, 3x3) for layers of >= 128 "
                                    "channels on maps of >= 1500 pixels), 'winograd' or "

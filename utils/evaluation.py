@@ -195,8 +195,9 @@ def evaluate_checkpoint(load_path: str, options: dict) -> tuple[dict, list[str],
         model = model_from_checkpoint(ckpt, load_path).to(device)
         testset = TestDataset(cfg)
         size = testset.input_sizes()[0] if len(testset) else (cfg.min_size, cfg.min_size)
-        memory_format = broadcast_object(choose_memory_format(model, "inference", size, cfg.memory_format)
-                                         if is_main_process() else None)
+        memory_format = broadcast_object(
+            choose_memory_format(model, "inference", size, cfg.memory_format, amp=cfg.amp)
+            if is_main_process() else None)
         model.to(memory_format=memory_format)
         if cfg.results and testset.metric != "coco":
             raise ConfigError(f"--results writes COCO's results format, for COCO data (--data=coco or "
