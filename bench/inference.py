@@ -269,9 +269,11 @@ def run_ours_native(switch, model, inputs: Inputs):
 
 def winograd_calls(calls: list[LayerCall]) -> tuple[int, int]:
     """``(taken, total)``: how many of a run's recorded 3x3 convolution calls take the Winograd path (the
-    rule asked with an input of each call's shape, never filled)."""
+    rule asked with an input of each call's shape, never filled, and whether the call had a gradient)."""
     convs = [c for c in calls if isinstance(c.module, cpu_conv.Conv2d) and c.module.kernel_size == (3, 3)]
-    return sum(cpu_conv.use_winograd(torch.empty(c.input_shape), c.module) for c in convs), len(convs)
+    taken = sum(cpu_conv.use_winograd(torch.empty(c.input_shape), c.module,
+                                      training=c.input_grad or c.weight_grad or c.bias_grad) for c in convs)
+    return taken, len(convs)
 
 
 def torchvision_onednn_fc(model: TorchvisionFasterRCNN) -> TorchvisionFasterRCNN:

@@ -173,13 +173,26 @@ def conv(c: int, k: int, **kwargs) -> cpu_conv.Conv2d:
 
 def test_use_winograd_rule(monkeypatch):
     big = torch.zeros(1, 128, 40, 40)  # 1600 pixels
+    monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: False)
     with cpu_conv.backend("auto"):
         assert cpu_conv.use_winograd(big, conv(128, 128))
+        with torch.no_grad():
+            assert cpu_conv.use_winograd(big, conv(128, 128))  # inference too
         assert not cpu_conv.use_winograd(big[:, :64], conv(64, 128))  # too few channels
         assert not cpu_conv.use_winograd(big, conv(128, 64))
         assert not cpu_conv.use_winograd(big[:, :, :30, :30], conv(128, 128))  # a small map
         assert cpu_conv.use_winograd(torch.zeros(4, 128, 39, 39), conv(128, 128))  # per image, not batch
         assert not cpu_conv.use_winograd(torch.zeros(4, 128, 30, 30), conv(128, 128))
+        # AMD CPUs: only where a gradient is needed (training), as measured on a Zen 4
+        monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: True)
+        assert cpu_conv.use_winograd(big, conv(128, 128))  # the weight requires a gradient
+        assert not cpu_conv.use_winograd(big, conv(128, 128).requires_grad_(False))
+        assert cpu_conv.use_winograd(big.clone().requires_grad_(), conv(128, 128).requires_grad_(False))
+        with torch.no_grad():
+            assert not cpu_conv.use_winograd(big, conv(128, 128))
+            assert cpu_conv.use_winograd(big, conv(128, 128), training=True)
+        assert not cpu_conv.use_winograd(big, conv(128, 128), training=False)
+        assert not cpu_conv.use_winograd(big[:, :64], conv(64, 128), training=True)  # the rest of the rule
     small = torch.zeros(1, 4, 5, 5)
     with cpu_conv.backend("winograd"):
         assert cpu_conv.use_winograd(small, conv(4, 4))

@@ -43,17 +43,18 @@ gradient); the bias gradient is the upstream gradient's sum.
 Where it applies (:func:`use_winograd`): a float32 (or float64) input on the CPU, outside ``torch.autocast``,
 a 3x3 kernel with stride 1, padding 1, dilation 1, one group and zero padding, the extension built
 (``setup.sh``), and the backend (:func:`set_backend`) ``'winograd'``, or ``'auto'`` (the default) for a
-layer of at least 128 input and output channels on maps of at least 1500 pixels per image (the table above).
-The rule looks at one image's map, not the batch, so an image takes the same path alone or in a batch. It
-holds on both CPU kinds it was measured on: the Intel Xeon above and an AMD EPYC Zen 4 (``cpu family`` 25,
-model 17, AVX-512, 2 threads), where the same layers forward take 0.74-0.85x oneDNN's time from conv3_1 on
-and forward + both gradients 0.66-0.78x (conv3_2: 155 -> 121 ms forward, 526 -> 355 ms with the
-gradients), while conv2_1 (64 channels) takes 2x; inside the whole VGG16 forward the gain shrinks to
-0-10% there (the training step keeps it: 0.73-0.75x torchvision's against 0.91-0.93x on the stock kernels).
-The previous release kept AMD CPUs on oneDNN's direct kernels, assuming PyTorch's GEMM was as slow there as
-for fc6 (``model/utils/cpu_linear.py``); for these shapes it is not, and oneDNN's matmul (:func:`onednn_gemm`)
-is faster still. Everything else (CUDA, where cuDNN picks its own algorithms, other dtypes, autocast, other
-layer shapes) runs ``F.conv2d`` unchanged. Parameters and state-dict keys are untouched.
+layer of at least 128 input and output channels on maps of at least 1500 pixels per image (the table
+above), on AMD CPUs only for a call that needs a gradient (training). The rule looks at one image's map, not
+the batch, so an image takes the same path alone or in a batch. It was measured on two CPU kinds: the Intel
+Xeon above, and an AMD EPYC Zen 4 (``cpu family`` 25, model 17, AVX-512, 2 threads), where the same layers
+alone take 0.74-0.85x oneDNN's time forward from conv3_1 on and 0.66-0.78x forward + both gradients (conv3_2:
+155 -> 121 ms forward, 526 -> 355 ms with the gradients). Inside VGG16's whole forward the Zen 4 loses that
+gain (``bench/inference.py``: ours / ours on the stock kernels 1.02, 0.96 and 1.08 in three runs, and 1-2%
+more peak memory), while its training step keeps it (``bench/train.py``: 0.80 and 0.81 of the stock
+kernels' time; ours / torchvision 0.74 against 0.91-0.93), hence the AMD rule. There the GEMMs run on
+oneDNN's matmul (:func:`onednn_gemm`). Everything else (CUDA, where cuDNN picks its own algorithms, other
+dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and state-dict keys are
+untouched.
 
 Usage: :class:`Conv2d` is an ``nn.Conv2d`` whose forward takes this path where it applies;
 :func:`convert` turns a module's ``nn.Conv2d`` layers into it (same parameter tensors) and :func:`to_native`
@@ -70,11 +71,12 @@ from torch.autograd.function import once_differentiable
 from model.utils.cpu_linear import cpu_is_amd
 from model.utils.kernel_switch import KernelSwitch
 
-__all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend",
+__all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend", "needs_grad",
            "onednn_gemm", "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
 
 # 'auto' (default): Winograd for layers of at least 128 input and output channels on maps of at least 1500
-# pixels; 'winograd': wherever it applies; 'native': never (nn.Conv2d's kernels)
+# pixels (on AMD CPUs: when a gradient is needed); 'winograd': wherever it applies; 'native': never
+# (nn.Conv2d's kernels)
 BACKENDS = ("auto", "winograd", "native")
 MIN_CHANNELS = 128  # 'auto': fewer input or output channels stay on oneDNN (thin GEMMs, memory-bound)
 MIN_PIXELS = 1500  # 'auto': smaller maps (H x W of one image) stay on oneDNN (fixed costs)
@@ -106,8 +108,15 @@ get_backend = _switch.get
 backend = _switch.use  # set_backend for a ``with`` block
 
 
-def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether ``conv(x)`` runs on the Winograd path (see the module docstring for the rule)."""
+def needs_grad(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether autograd will ask ``conv(x)`` for a gradient (of ``x``, the weight or the bias)."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, conv.weight, conv.bias))
+
+
+def use_winograd(x: torch.Tensor, conv: nn.Conv2d, training: bool | None = None) -> bool:
+    """Whether ``conv(x)`` runs on the Winograd path (see the module docstring for the rule); ``training``:
+    whether the call needs a gradient (``None``: :func:`needs_grad`), which ``'auto'`` asks on AMD CPUs."""
     if _switch.get() == "native" or not winograd_available():
         return False
     weight = conv.weight
@@ -122,7 +131,11 @@ def use_winograd(x: torch.Tensor, conv: nn.Conv2d) -> bool:
         return False
     if _switch.get() == "winograd":
         return True
-    return min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS and x.shape[2] * x.shape[3] >= MIN_PIXELS
+    if min(conv.in_channels, conv.out_channels) < MIN_CHANNELS or x.shape[2] * x.shape[3] < MIN_PIXELS:
+        return False
+    if not cpu_is_amd():
+        return True
+    return needs_grad(x, conv) if training is None else training
 
 
 def _gg(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -305,11 +318,10 @@ class Conv2d(nn.Conv2d):
     than kept: keeping it would hold 16/9 of the layers' weights (100 MB for VGG16) for the whole run."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not use_winograd(x, self):
+        training = needs_grad(x, self)
+        if not use_winograd(x, self, training):
             return super().forward(x)
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, self.weight, self.bias))
-        if needs_grad:
+        if training:
             return WinogradConv2dFunction.apply(x, self.weight, self.bias)
         return winograd_conv2d(x, self.weight, self.bias)
 
