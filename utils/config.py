@@ -143,8 +143,9 @@ class Config:
                                         "'channels_last' or 'contiguous'",
                                 choices=("auto", "channels_last", "contiguous"))
     cpu_conv: str = option("auto", "CPU 3x3 convolutions: 'auto' (Winograd F(2x2, 3x3) for layers of >= 128 "
-                                   "channels on maps of >= 1500 pixels), 'winograd' or "
-                                   "'native' (PyTorch's stock kernels); see model/utils/cpu_conv.py",
+                                   "channels on maps of >= 1500 pixels; on AMD CPUs in training only), "
+                                   "'winograd' or 'native' (PyTorch's stock kernels); see "
+                                   "model/utils/cpu_conv.py",
                            choices=("auto", "winograd", "native"))
     device: str = option("auto", "'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N' (under "
                                  "torchrun: one GPU per process, cuda:LOCAL_RANK)")
