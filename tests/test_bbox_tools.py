@@ -62,6 +62,7 @@ def test_bbox_iou_integer_boxes_give_float64(dtype):
     a = np.round(random_bbox(rng, 19, size=2000.0)).astype(dtype)  # areas up to 1e6: beyond int16, not int32
     b = np.round(random_bbox(rng, 13, size=2000.0)).astype(dtype)
     b[:3] = a[:3]
+    a[3, 3] = max(a[3, 3], a[3, 1] + 10)  # wider than the shift below (sides are drawn from 1 pixel up)
     b[3] = a[3] + (0, 5, 0, 5)  # a shifted copy: a partial overlap
     expected = np.array([[iou_reference(x.astype(np.float64), y.astype(np.float64)) for y in b] for x in a])
     got = bbox_iou(a, b)
