@@ -177,8 +177,8 @@ def choose_memory_format(
     no gradient, as in a training step (VGG16: conv1/conv2 frozen, no input gradient for conv3_1). With
     ``amp`` the probe runs under ``--amp``'s autocast (:func:`utils.amp.autocast`: bfloat16 on the CPU), the
     kernels the run will use: oneDNN's bfloat16 convolutions favour a format of their own (on an AMD EPYC
-    Zen 4, torchvision's VGG16 training step under autocast: 2.84 s channels-last against 3.93 s
-    contiguous), and our float32 Winograd layers do not run under autocast.
+    Zen 4, the toy model's training probe: channels-last in float32, 28 against 30 ms, contiguous under
+    autocast, 13 against 16 ms), and our float32 Winograd layers do not run under autocast.
 
     The probe runs on copies of the extractor, one per format, under ``torch.random.fork_rng``: ``model``'s
     parameters (values, memory format), their ``.grad``, its train/eval mode and the global RNG state are
