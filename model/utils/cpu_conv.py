@@ -50,11 +50,11 @@ Xeon above, and an AMD EPYC Zen 4 (``cpu family`` 25, model 17, AVX-512, 2 threa
 alone take 0.74-0.85x oneDNN's time forward from conv3_1 on and 0.66-0.78x forward + both gradients (conv3_2:
 155 -> 121 ms forward, 526 -> 355 ms with the gradients). Inside VGG16's whole forward the Zen 4 loses that
 gain (``bench/inference.py``: ours / ours on the stock kernels 1.02, 0.96 and 1.08 in three runs, and 1-2%
-more peak memory), while its training step keeps it (``bench/train.py``: 0.80 and 0.81 of the stock
-kernels' time; ours / torchvision 0.74 against 0.91-0.93), hence the AMD rule. There the GEMMs run on
-oneDNN's matmul (:func:`onednn_gemm`). Everything else (CUDA, where cuDNN picks its own algorithms, other
-dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and state-dict keys are
-untouched.
+more peak memory), while its training step keeps it (``bench/train.py``: 0.77-0.81 of the stock
+kernels' time in three runs; ours / torchvision 0.66-0.75 against 0.86-0.93), hence the AMD rule. There
+the GEMMs run on oneDNN's matmul (:func:`onednn_gemm`). Everything else (CUDA, where cuDNN picks its own
+algorithms, other dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and
+state-dict keys are untouched.
 
 Usage: :class:`Conv2d` is an ``nn.Conv2d`` whose forward takes this path where it applies;
 :func:`convert` turns a module's ``nn.Conv2d`` layers into it (same parameter tensors) and :func:`to_native`
