@@ -45,10 +45,10 @@ def test_extension_is_built():
 @pytest.fixture(params=["torch", "onednn"])
 def gemm_engine(request, monkeypatch):
     """Both GEMM engines of the Winograd path on any machine: ``torch.bmm`` (Intel CPUs) and oneDNN's matmul
-    (AMD CPUs), chosen by the vendor rule that :func:`cpu_conv.onednn_gemm` follows."""
+    (AMD CPUs), chosen by the vendor rule that :func:`cpu_conv.use_onednn_gemm` follows."""
     amd = request.param == "onednn"
     monkeypatch.setattr(cpu_conv, "cpu_is_amd", lambda: amd)
-    if amd and not cpu_conv.onednn_gemm(torch.zeros(1)):
+    if amd and not cpu_conv.use_onednn_gemm(torch.zeros(1)):
         pytest.skip("this torch build exports no oneDNN matmul")
     return request.param
 
@@ -64,7 +64,7 @@ def test_gemm_engines_against_float64(gemm_engine):
     assert rel_err(out.double(), start.double() + expected) < 1e-5
     cpu_conv._gemm(a.transpose(1, 2).contiguous().transpose(1, 2), b, out)  # a transposed too; overwrites
     assert rel_err(out.double(), expected) < 1e-5
-    assert not cpu_conv.onednn_gemm(a.double())  # float64 always takes torch.bmm
+    assert not cpu_conv.use_onednn_gemm(a.double())  # float64 always takes torch.bmm
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -5,7 +5,7 @@ pixels with 16 multiplications per input/output channel pair instead of 36 (Lavi
 for Convolutional Neural Networks", CVPR 2016): the input tiles and the weights are transformed
 (``model/utils/winograd.cpp``; ``U = G g G^T`` here), multiplied position by position as 16 GEMMs
 ``(tiles, C) @ (C, K)`` (one batched GEMM: ``torch.bmm``, or oneDNN's matmul on AMD CPUs,
-:func:`onednn_gemm`), and transformed back. The GEMMs do 4/9 of the direct convolution's multiply-adds, so
+:func:`use_onednn_gemm`), and transformed back. The GEMMs do 4/9 of the direct convolution's multiply-adds, so
 where the GEMM runs near the rate of oneDNN's direct kernels the layer takes about half the time. On an Intel
 Xeon (``cpu family`` 6, model 207, AVX-512, 2 threads), VGG16's layers at
 600x800, channels-last, forward, best of 5 (the ratio: three such measurements):
@@ -52,7 +52,7 @@ alone take 0.74-0.85x oneDNN's time forward from conv3_1 on and 0.66-0.78x forwa
 gain (``bench/inference.py``: ours / ours on the stock kernels 1.02, 0.96 and 1.08 in three runs, and 1-2%
 more peak memory), while its training step keeps it (``bench/train.py``: 0.77-0.81 of the stock
 kernels' time in three runs; ours / torchvision 0.66-0.75 against 0.86-0.93), hence the AMD rule. There
-the GEMMs run on oneDNN's matmul (:func:`onednn_gemm`). Everything else (CUDA, where cuDNN picks its own
+the GEMMs run on oneDNN's matmul (:func:`use_onednn_gemm`). Everything else (CUDA, where cuDNN picks its own
 algorithms, other dtypes, autocast, other layer shapes) runs ``F.conv2d`` unchanged. Parameters and
 state-dict keys are untouched.
 
@@ -68,11 +68,12 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from model.utils.cpu_linear import cpu_is_amd
+from model.utils.cpu_linear import cpu_is_amd, needs_grad
 from model.utils.kernel_switch import KernelSwitch
 
-__all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend", "needs_grad",
-           "onednn_gemm", "set_backend", "to_native", "use_winograd", "winograd_conv2d", "winograd_available"]
+__all__ = ["BACKENDS", "Conv2d", "WinogradConv2dFunction", "backend", "convert", "get_backend",
+           "set_backend", "to_native", "use_onednn_gemm", "use_winograd", "winograd_conv2d",
+           "winograd_available"]
 
 # 'auto' (default): Winograd for layers of at least 128 input and output channels on maps of at least 1500
 # pixels (on AMD CPUs: when a gradient is needed); 'winograd': wherever it applies; 'native': never
@@ -108,15 +109,10 @@ get_backend = _switch.get
 backend = _switch.use  # set_backend for a ``with`` block
 
 
-def needs_grad(x: torch.Tensor, conv: nn.Conv2d) -> bool:
-    """Whether autograd will ask ``conv(x)`` for a gradient (of ``x``, the weight or the bias)."""
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, conv.weight, conv.bias))
-
-
 def use_winograd(x: torch.Tensor, conv: nn.Conv2d, training: bool | None = None) -> bool:
     """Whether ``conv(x)`` runs on the Winograd path (see the module docstring for the rule); ``training``:
-    whether the call needs a gradient (``None``: :func:`needs_grad`), which ``'auto'`` asks on AMD CPUs."""
+    whether the call needs a gradient (``None``: :func:`model.utils.cpu_linear.needs_grad`), which ``'auto'``
+    asks on AMD CPUs."""
     if _switch.get() == "native" or not winograd_available():
         return False
     weight = conv.weight
@@ -135,7 +131,7 @@ def use_winograd(x: torch.Tensor, conv: nn.Conv2d, training: bool | None = None)
         return False
     if not cpu_is_amd():
         return True
-    return needs_grad(x, conv) if training is None else training
+    return needs_grad(x, conv.weight, conv.bias) if training is None else training
 
 
 def _gg(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -172,7 +168,7 @@ def _check_extension():
     return ext
 
 
-def onednn_gemm(a: torch.Tensor) -> bool:
+def use_onednn_gemm(a: torch.Tensor) -> bool:
     """Whether the Winograd GEMMs on ``a``'s dtype run on oneDNN's matmul rather than ``torch.bmm``: float32
     on an AMD CPU (:func:`model.utils.cpu_linear.cpu_is_amd`, the rule fc6/fc7 follow), when the torch build
     exports the matmul (``winograd.cpp``).
@@ -187,7 +183,7 @@ def onednn_gemm(a: torch.Tensor) -> bool:
 def _gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
     """``out = a @ b`` (``out += a @ b`` when ``accumulate``) for ``(16, M, K) @ (16, K, N)``: ``out``
     contiguous, ``a`` and ``b`` contiguous or transposed in their last two dimensions."""
-    if onednn_gemm(a):
+    if use_onednn_gemm(a):
         _extension().onednn_gemm(a, b, out, 1.0 if accumulate else 0.0)
     elif accumulate:
         out.baddbmm_(a, b)
@@ -318,7 +314,7 @@ class Conv2d(nn.Conv2d):
     than kept: keeping it would hold 16/9 of the layers' weights (100 MB for VGG16) for the whole run."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        training = needs_grad(x, self)
+        training = needs_grad(x, self.weight, self.bias)
         if not use_winograd(x, self, training):
             return super().forward(x)
         if training:

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from model.utils.kernel_switch import KernelSwitch
 
 __all__ = ["BACKENDS", "OneDNNLinearFunction", "backend", "cpu_is_amd", "get_backend", "linear",
-           "onednn_linear", "sequential", "set_backend", "use_onednn"]
+           "needs_grad", "onednn_linear", "sequential", "set_backend", "use_onednn"]
 
 # 'auto' (default): oneDNN on AMD CPUs; 'onednn': oneDNN wherever it applies; 'native': never (every layer
 # runs as nn.Linear does)
@@ -85,6 +85,12 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dim() < 1 or x.numel() == 0 or torch.is_autocast_enabled("cpu"):
         return False
     return _switch.get() == "onednn" or cpu_is_amd()
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will ask a layer called on ``tensors`` (its input and parameters; ``None`` for a
+    missing bias) for a gradient of any of them (``model/utils/cpu_conv.py`` asks it too)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 @functools.cache
@@ -137,9 +143,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns ``(*, out)``; differentiable (:class:`OneDNNLinearFunction`) when a gradient is needed.
     """
     rows = x.reshape(-1, x.shape[-1])  # (*, in) -> (R, in)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
-    if needs_grad:
+    if needs_grad(x, weight, bias):
         out = OneDNNLinearFunction.apply(rows, weight, bias)
     else:
         out = _linear_pointwise(rows, weight, bias)
